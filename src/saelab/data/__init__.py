@@ -1,0 +1,1 @@
+"""Data for saelab: synthetic superposition data (:mod:`saelab.data.toy`)."""

@@ -1,0 +1,1 @@
+"""Measuring SAEs: reconstruction and sparsity metrics (later: splicing, scaling fits)."""

@@ -1,0 +1,147 @@
+"""Sparse kernels for k-sparse latents.
+
+With TopK, each row has only ``k`` non-zero latents, so everything after the encoder's
+dense matmul can touch only those ``k`` latents:
+
+* :func:`topk_encode` — dense pre-activations, top-k selection, and a backward pass that
+  sends gradient only to the ``k`` (+ ``k_aux``) selected encoder rows: ``B·k·d`` work
+  instead of ``B·n·d``.
+* :func:`sparse_decode` — ``x̂ = Σ_j v_j W_dec[i_j]`` via ``embedding_bag`` and a backward
+  that gathers/scatters only the selected decoder rows.
+
+The encoder weight is passed as ``[n_latents, d_in]`` rows (``W_enc.T``), which the SAE
+keeps contiguous so row gathers and ``index_add_`` are cache-friendly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class TopKCodes(NamedTuple):
+    values: Tensor  # [B, k] non-negative activations of the selected latents
+    indices: Tensor  # [B, k] their latent ids
+    aux_values: Tensor | None  # [B, k_aux] AuxK activations among dead latents
+    aux_indices: Tensor | None
+
+
+def _row_gather_add(
+    n_rows: int, indices: Tensor, weights: Tensor, other: Tensor
+) -> Tensor:
+    """``out[i] = Σ_{(b,j): indices[b,j]=i} weights[b,j] · other[b]`` as a dense [n_rows, d].
+
+    Done as a sparse [n_rows, B] × dense [B, d] product so no [B·k, d] temporary is built.
+    """
+    B, kk = indices.shape
+    rows = indices.reshape(-1)
+    cols = torch.arange(B, device=indices.device).repeat_interleave(kk)
+    coo = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), weights.reshape(-1).to(other.dtype), (n_rows, B),
+        check_invariants=False,
+    )
+    return torch.sparse.mm(coo, other)
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        enc_rows: Tensor,
+        b_enc: Tensor,
+        k: int,
+        dead_mask: Tensor | None,
+        k_aux: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pre = torch.addmm(b_enc, x, enc_rows.t())
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        values = values.relu_()
+        if dead_mask is not None and k_aux > 0:
+            aux_values, aux_indices = pre.masked_fill_(~dead_mask, float("-inf")).topk(
+                k_aux, dim=-1, sorted=False
+            )
+            aux_values = aux_values.relu_()
+        else:
+            aux_values = x.new_zeros(x.shape[0], 0)
+            aux_indices = indices.new_zeros(x.shape[0], 0)
+        ctx.save_for_backward(x, enc_rows, values, indices, aux_values, aux_indices)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_values: Tensor, _gi: Tensor, grad_aux: Tensor, _ga: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, enc_rows, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        g = grad_values * (values > 0)
+        idx = indices
+        if aux_indices.shape[1] > 0:
+            g = torch.cat([g, grad_aux * (aux_values > 0)], dim=1)
+            idx = torch.cat([indices, aux_indices], dim=1)
+        g = g.contiguous()
+        grad_x = grad_rows = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx, enc_rows, per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_rows = _row_gather_add(enc_rows.shape[0], idx, g, x)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(enc_rows.shape[0], dtype=g.dtype, device=g.device)
+            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return grad_x, grad_rows, grad_b, None, None, None
+
+
+def topk_encode(
+    x: Tensor,
+    enc_rows: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> TopKCodes:
+    """Top-k of ``ReLU(x @ enc_rows.T + b_enc)`` with a sparse backward.
+
+    With ``dead_mask`` and ``k_aux > 0`` also returns the top ``k_aux`` activations among
+    dead latents (for the AuxK loss); their gradient is merged into the same sparse update.
+    """
+    values, indices, aux_values, aux_indices = _TopKEncode.apply(
+        x, enc_rows, b_enc, k, dead_mask, k_aux
+    )
+    if aux_indices.shape[1] == 0:
+        return TopKCodes(values, indices, None, None)
+    return TopKCodes(values, indices, aux_values, aux_indices)
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_W = None
+        grad_out = grad_out.contiguous()
+        if ctx.needs_input_grad[0]:
+            # <W_dec[i_bj], g_b> for each selected latent: a batched gather-dot.
+            grad_values = torch.bmm(
+                W_dec[indices], grad_out.unsqueeze(-1)
+            ).squeeze(-1)
+        if ctx.needs_input_grad[2]:
+            grad_W = _row_gather_add(W_dec.shape[0], indices, values, grad_out)
+        return grad_values, None, grad_W
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """``Σ_j values[b, j] · W_dec[indices[b, j]]`` for each row ``b`` (no bias)."""
+    return _SparseDecode.apply(values.to(W_dec.dtype), indices, W_dec)
+
+
+def dense_from_sparse(values: Tensor, indices: Tensor, n_latents: int) -> Tensor:
+    """Scatter [B, k] codes into a dense [B, n_latents] matrix."""
+    out = values.new_zeros(values.shape[0], n_latents)
+    return out.scatter_(1, indices, values)

@@ -1,0 +1,385 @@
+"""The training loop, shared by every architecture.
+
+Reads top to bottom: set up (or resume) → for each step: batch, forward (the architecture
+returns its loss), backward, decoder-norm constraint, Adam step, dead-latent bookkeeping,
+optional resampling, logging, checkpoint → fold the input scale and save.
+
+A run with an output folder writes ``checkpoint.pt`` every ``checkpoint_every_steps`` and
+``metrics.jsonl`` every ``log_every_steps``; re-running with the same folder resumes from
+the checkpoint and ends with the same weights as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelab.activations.source import ActivationSource, open_source
+from saelab.config import FORMAT_VERSION, TrainConfig, build
+from saelab.errors import InputError, SaelabError, TrainingDiverged
+from saelab.eval.metrics import fvu
+from saelab.io import atomic_torch_save, atomic_write_text
+from saelab.sae.base import CFG_FILENAME, SAE, TrainContext, create
+from saelab.train.init import geometric_median, input_scale
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+INIT_SAMPLE_ROWS = 65536
+MEDIAN_SAMPLE_ROWS = 8192
+RESAMPLE_SAMPLE_ROWS = 16384
+# Settings that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = {"device", "progress", "checkpoint_every_steps", "log_every_steps"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SaelabError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SaelabError(f"device {name!r} asked for, but this torch sees no CUDA device")
+    return dev
+
+
+def default_lr(n_latents: int) -> float:
+    """2e-4 / sqrt(n_latents / 2^14), the TopK paper's rule."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+class Trainer:
+    """Trains one SAE on one activation source. ``run()`` returns the trained SAE with the
+    input scale folded in (it acts on raw activations)."""
+
+    def __init__(self, source: ActivationSource, cfg: TrainConfig,
+                 out_dir: str | Path | None = None) -> None:
+        self.source = source
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = resolve_device(cfg.device)
+        self.steps = cfg.steps()
+        self.sae_cfg = cfg.sae_config(source.d_in)
+        if self.sae_cfg.architecture in ("topk", "batchtopk") and self.sae_cfg.k is not None:
+            assert self.sae_cfg.k < self.sae_cfg.n_latents
+        self.n = self.sae_cfg.n_latents
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, source.d_in // 2)
+        self.lr = cfg.lr if cfg.lr is not None else default_lr(self.n)
+        self.warmup = (
+            cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None
+            else min(1000, self.steps // 20)
+        )
+        self.decay_steps = int(cfg.lr_decay_fraction * self.steps)
+        self.l1_warmup = int(cfg.l1_warmup_fraction * self.steps)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+        self.sae: SAE = create(self.sae_cfg)
+        self.sae.init_weights(self.generator)
+        self.sae.to(self.device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr)
+        self.tokens_since_fired = torch.zeros(self.n, dtype=torch.long, device=self.device)
+        self.scale = 1.0
+        self.step = 0
+        self.elapsed = 0.0
+        self.finished = False
+        self.last_checkpoint_step: int | None = None
+
+    # ------------------------------------------------------------------ schedules
+    def lr_at(self, step: int) -> float:
+        factor = 1.0
+        if self.warmup:
+            factor = min(factor, (step + 1) / self.warmup)
+        if self.decay_steps:
+            factor = min(factor, (self.steps - step) / self.decay_steps)
+        return self.lr * factor
+
+    def sparsity_coefficient_at(self, step: int) -> float:
+        arch = self.sae_cfg.architecture
+        if arch in ("relu", "gated"):
+            base = self.cfg.l1_coefficient
+        elif arch == "jumprelu":
+            base = self.cfg.l0_coefficient
+        else:
+            return 0.0
+        if self.l1_warmup:
+            return base * min(1.0, (step + 1) / self.l1_warmup)
+        return base
+
+    # ------------------------------------------------------------------ state
+    def _init_from_data(self) -> None:
+        sample = self.source.sample(INIT_SAMPLE_ROWS, self.cfg.seed)
+        self.scale = input_scale(sample) if self.cfg.normalize_inputs else 1.0
+        with torch.no_grad():
+            if self.cfg.b_dec_init == "geometric_median":
+                b = geometric_median(sample[:MEDIAN_SAMPLE_ROWS] * self.scale)
+            elif self.cfg.b_dec_init == "mean":
+                b = (sample * self.scale).mean(0)
+            else:
+                b = torch.zeros(self.source.d_in)
+            self.sae.b_dec.copy_(b.to(self.sae.b_dec))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "saelab-train-checkpoint",
+            "step": self.step,
+            "finished": self.finished,
+            "elapsed": self.elapsed,
+            "train_config": self.cfg.model_dump(),
+            "sae_config": self.sae_cfg.model_dump(),
+            "input_scale": self.scale,
+            "model": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self.generator.set_state(state["generator"])
+        self.scale = float(state["input_scale"])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        self.finished = bool(state["finished"])
+        self.last_checkpoint_step = self.step
+
+    def _checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT if self.out_dir is not None else None
+
+    def _try_resume(self) -> bool:
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # a torn file cannot happen (atomic writes), a foreign one can
+            raise InputError(f"{path} is not a readable saelab checkpoint ({e}); delete it "
+                             "to start over") from None
+        if state.get("kind") != "saelab-train-checkpoint":
+            raise InputError(f"{path} is not a saelab training checkpoint")
+        if state["format_version"] > FORMAT_VERSION:
+            raise InputError(f"{path} was written by a newer saelab; upgrade to resume it")
+        old, new = state["train_config"], self.cfg.model_dump()
+        changed = [
+            f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
+            for k in sorted(set(old) | set(new))
+            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+        ]
+        if changed:
+            raise SaelabError(
+                f"{self.out_dir} holds a run with other settings: {', '.join(changed)}; "
+                "use another --out, or delete that folder to start over"
+            )
+        if state["sae_config"]["d_in"] != self.source.d_in:
+            raise InputError(
+                f"{self.out_dir} was trained on width {state['sae_config']['d_in']}, "
+                f"these activations have width {self.source.d_in}"
+            )
+        self.load_state_dict(state)
+        return True
+
+    def save_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        atomic_torch_save(self.state_dict(), path)
+        self.last_checkpoint_step = self.step
+
+    # ------------------------------------------------------------------ dead latents
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+
+    @torch.no_grad()
+    def _resample_dead(self) -> int:
+        """Towards Monosemanticity's resampling: dead latents restart on inputs the SAE
+        reconstructs worst (sampled ∝ squared error)."""
+        window = min(self.cfg.dead_after_tokens,
+                     (self.cfg.resample_every_steps or 1) * self.cfg.batch_size)
+        dead = torch.nonzero(self.tokens_since_fired >= window).flatten()
+        if dead.numel() == 0:
+            return 0
+        x = self.source.sample(RESAMPLE_SAMPLE_ROWS, self.cfg.seed + self.step)
+        x = x.to(self.device, self.sae.W_dec.dtype) * self.scale
+        err = (x - self.sae(x)).pow(2).sum(-1).double()
+        probs = err.pow(2).cpu()
+        if float(probs.sum()) <= 0:
+            return 0
+        pick = torch.multinomial(probs, dead.numel(), replacement=True, generator=self.generator)
+        dirs = x[pick.to(self.device)] - self.sae.b_dec
+        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        alive = self.tokens_since_fired < window
+        enc_norm = (
+            float(self.sae.W_enc[:, alive].norm(dim=0).mean()) if bool(alive.any()) else 1.0
+        )
+        self.sae.reinit_latents(dead, dirs, 0.2 * enc_norm)
+        # Forget Adam's moments for the restarted latents (W_enc columns, other rows).
+        for name, p in self.sae.named_parameters():
+            if name == "b_dec":
+                continue
+            st = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    if name == "W_enc":
+                        st[key][:, dead] = 0
+                    else:
+                        st[key][dead] = 0
+        self.tokens_since_fired[dead] = 0
+        return int(dead.numel())
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> SAE:
+        resumed = self._try_resume()
+        if self.finished:
+            return self._finish(already=True)
+        if not resumed:
+            self._init_from_data()
+            if self.out_dir is not None:
+                (self.out_dir / METRICS).unlink(missing_ok=True)
+        else:
+            self._truncate_log(self.step)
+        cfg, sae = self.cfg, self.sae
+        bar = tqdm(
+            total=self.steps * cfg.batch_size, initial=self.step * cfg.batch_size,
+            unit="tok", unit_scale=True, dynamic_ncols=True, disable=not cfg.progress,
+            desc=f"train {self.sae_cfg.architecture}",
+        )
+        batches = self.source.batches(cfg.batch_size, cfg.seed, start_step=self.step)
+        ctx = TrainContext(aux_k_coefficient=cfg.aux_k_coefficient,
+                           jumprelu_bandwidth=cfg.jumprelu_bandwidth)
+        t0, tokens_at_t0 = time.perf_counter(), self.step * cfg.batch_size
+        elapsed_before = self.elapsed
+        try:
+            while self.step < self.steps:
+                x = next(batches).to(self.device, sae.W_dec.dtype, non_blocking=True)
+                x = x * self.scale
+                lr = self.lr_at(self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                ctx.sparsity_coefficient = self.sparsity_coefficient_at(self.step)
+                dead = self.dead_mask()
+                ctx.dead_mask = dead
+                ctx.k_aux = self.k_aux if cfg.aux_k_coefficient > 0 else 0
+
+                out = sae.training_forward(x, ctx)
+                if not torch.isfinite(out.loss):
+                    self._diverged(float(out.loss.detach()))
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if sae.unit_norm_decoder:
+                    sae.remove_parallel_gradient()
+                self.optimizer.step()
+                if sae.unit_norm_decoder:
+                    sae.normalize_decoder()
+
+                self.tokens_since_fired += x.shape[0]
+                self.tokens_since_fired[out.fired] = 0
+                self.step += 1
+                if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0 \
+                        and self.step < self.steps:
+                    self._resample_dead()
+
+                bar.update(cfg.batch_size)
+                if self.step % cfg.log_every_steps == 0 or self.step == self.steps:
+                    rate = (self.step * cfg.batch_size - tokens_at_t0) / max(
+                        time.perf_counter() - t0, 1e-9)
+                    self.elapsed = elapsed_before + time.perf_counter() - t0
+                    record = self._log(out, x, lr, ctx.sparsity_coefficient, dead, rate)
+                    bar.set_postfix(fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}",
+                                    dead=f"{100 * record['dead_fraction']:.1f}%")
+                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
+                        and self.step < self.steps:
+                    self.elapsed = elapsed_before + time.perf_counter() - t0
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.elapsed = elapsed_before + time.perf_counter() - t0
+        self.finished = True
+        self.save_checkpoint()
+        return self._finish()
+
+    def _diverged(self, value: float) -> None:
+        where = (
+            f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in "
+            f"{self._checkpoint_path()}"
+            if self.last_checkpoint_step is not None else "no checkpoint was written yet"
+        )
+        raise TrainingDiverged(
+            f"training stopped: the loss became {value} at step {self.step + 1}; {where}. "
+            "Lower --lr, or check the activations for extreme values",
+            step=self.step + 1,
+        )
+
+    def _log(self, out: Any, x: Tensor, lr: float, coef: float, dead: Tensor,
+             rate: float) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "step": self.step,
+            "tokens": self.step * self.cfg.batch_size,
+            "loss": float(out.loss.detach()),
+            **{k: float(v) for k, v in out.terms.items()},
+            "fvu": fvu(x, out.recon.detach()),
+            "l0": float(out.l0),
+            "dead_fraction": float(dead.float().mean()),
+            "lr": lr,
+            "sparsity_coefficient": coef,
+            "tokens_per_s": rate,
+            "elapsed_s": self.elapsed,
+        }
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from."""
+        if self.out_dir is None or not (self.out_dir / METRICS).exists():
+            return
+        lines = (self.out_dir / METRICS).read_text(encoding="utf-8").splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                break  # a line torn by the crash: nothing after it is trustworthy
+        atomic_write_text(self.out_dir / METRICS, "".join(line + "\n" for line in keep))
+
+    def _finish(self, already: bool = False) -> SAE:
+        """The SAE for raw inputs: a copy with the input scale folded in, saved to out_dir."""
+        final = create(self.sae_cfg).to(self.device)
+        final.load_state_dict(self.sae.state_dict())
+        final.fold_input_scale(self.scale)
+        final.cfg = self.sae_cfg.model_copy(update={"activation_norm_scale": self.scale})
+        if self.out_dir is not None and not (already and (self.out_dir / CFG_FILENAME).exists()):
+            final.save(self.out_dir)
+        final.eval()
+        return final
+
+
+def train_sae(
+    data: ActivationSource | Tensor | np.ndarray | str | Path,
+    config: TrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    **overrides: Any,
+) -> SAE:
+    """Train an SAE on ``data`` (a tensor, a .npy / .safetensors path, or a source).
+
+    ``overrides`` are TrainConfig fields, e.g. ``train_sae(x, architecture="relu",
+    n_latents=1024, tokens=500_000)``. With ``out_dir`` the run checkpoints and resumes.
+    """
+    if config is None:
+        config = build(TrainConfig, **overrides)
+    elif overrides:
+        config = build(TrainConfig, **{**config.model_dump(), **overrides})
+    source = open_source(data, drop_nonfinite=config.drop_nonfinite)
+    return Trainer(source, config, out_dir).run()

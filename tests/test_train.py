@@ -1,0 +1,203 @@
+"""The trainer: it recovers ground-truth features, resumes exactly, and fails safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saelab import SAE, SaelabError, TrainConfig, TrainingDiverged, train_sae
+from saelab.activations.source import MatrixSource
+from saelab.data.toy import ToyDataConfig, make_toy_data
+from saelab.eval.metrics import evaluate_reconstruction, mmcs
+from saelab.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def toy():
+    data = make_toy_data(ToyDataConfig(d_in=32, n_features=64, avg_active=3, seed=3))
+    x, _ = data.sample(60_000, seed=1)
+    x_eval, _ = data.sample(5_000, seed=2)
+    return data, x, x_eval
+
+
+@pytest.fixture(scope="module")
+def superposed():
+    """The benchmark's default data: 256 features superposed in 64 dimensions."""
+    data = make_toy_data(ToyDataConfig())
+    x, _ = data.sample(100_000, seed=1)
+    x_eval, _ = data.sample(10_000, seed=2)
+    return data, x, x_eval
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra"), [("topk", {"k": 5}), ("relu", {"l1_coefficient": 2.0})]
+)
+def test_trained_sae_recovers_ground_truth_features(superposed, arch, extra) -> None:
+    data, x, x_eval = superposed
+    sae = train_sae(x, architecture=arch, n_latents=256, tokens=300_000, batch_size=256,
+                    lr=3e-3, progress=False, seed=0, **extra)
+    score, recovered = mmcs(sae.W_dec, data.features)
+    assert score >= 0.95, f"{arch}: MMCS {score:.3f}"
+    assert recovered >= 0.9
+    m = evaluate_reconstruction(sae, MatrixSource(x_eval).rows(4096))
+    assert m.fvu < 0.5
+    if arch == "topk":
+        assert m.l0 <= 5
+
+
+def test_small_dictionary_cannot_recover_all_features(toy) -> None:
+    data, x, _ = toy
+    sae = train_sae(x, architecture="topk", k=3, n_latents=32, tokens=100_000, batch_size=256,
+                    lr=3e-3, progress=False)
+    assert mmcs(sae.W_dec, data.features)[0] < 0.85
+
+
+def test_every_architecture_trains_and_lowers_fvu(toy) -> None:
+    _, x, x_eval = toy
+    for arch in ("batchtopk", "jumprelu", "gated"):
+        sae = train_sae(x, architecture=arch, n_latents=128, k=3, tokens=60_000, batch_size=256,
+                        lr=3e-3, progress=False, l1_coefficient=1.0)
+        m = evaluate_reconstruction(sae, MatrixSource(x_eval).rows(2048))
+        assert m.fvu < 0.6, f"{arch}: FVU {m.fvu:.3f}"
+        assert m.l0 < 64, f"{arch}: L0 {m.l0:.1f}"
+
+
+def test_input_scale_is_stored_and_folded(toy, tmp_path) -> None:
+    _, x, x_eval = toy
+    sae = train_sae(x * 100, architecture="topk", k=3, n_latents=64, tokens=20_000,
+                    batch_size=256, progress=False, out_dir=tmp_path / "run",
+                    checkpoint_every_steps=0)
+    cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
+    scale = cfg["saelab"]["activation_norm_scale"]
+    expected = (x.shape[1] / float((x * 100).double().pow(2).sum(-1).mean())) ** 0.5
+    assert scale == pytest.approx(expected, rel=0.05)
+    # The saved SAE works on raw (unscaled) inputs.
+    m = evaluate_reconstruction(SAE.load(tmp_path / "run"), MatrixSource(x_eval * 100).rows(2048))
+    assert m.fvu < 0.8
+    assert sae.cfg.activation_norm_scale == pytest.approx(scale)
+
+
+def test_resampling_revives_dead_latents(toy) -> None:
+    _, x, _ = toy
+    cfg = TrainConfig(architecture="relu", n_latents=256, tokens=80_000, batch_size=256,
+                      l1_coefficient=8.0, lr=3e-3, progress=False, resample_every_steps=100,
+                      dead_after_tokens=10_000)
+    trainer = Trainer(MatrixSource(x), cfg)
+    with torch.no_grad():  # kill half the latents: their encoder can never fire
+        trainer.sae.W_enc[:, :128] = 0.0
+        trainer.sae.b_enc[:128] = -5.0
+    trainer.run()
+    fired = (trainer.sae.encode(x[:20_000] * trainer.scale) > 0).any(0)
+    assert fired[:128].float().mean() > 0.5
+
+
+# ------------------------------------------------------------------------- resume
+def _train_cmd(acts: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "saelab", "train", "--acts", str(acts), "--out", str(out),
+            "--arch", "topk", "--n-latents", "128", "--k", "4", "--tokens", "2400000",
+            "--batch-size", "512", "--seed", "7", "--checkpoint-every-steps", "50",
+            "--log-every-steps", "10", "--dead-after-tokens", "20000", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_identical_weights(toy, tmp_path) -> None:
+    _, x, _ = toy
+    acts = tmp_path / "acts.npy"
+    np.save(acts, x.numpy())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_train_cmd(acts, tmp_path / "whole"), check=True, env=env,
+                   capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(acts, tmp_path / "killed"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 100:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < killed_at < 4687
+    assert not (tmp_path / "killed" / "cfg.json").exists()
+
+    done = subprocess.run(_train_cmd(acts, tmp_path / "killed"), env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    a = load_file(str(tmp_path / "whole" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "sae_weights.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "the metrics log repeats or skips steps after resume"
+    assert steps[-1] == 4687
+
+
+def test_resume_in_process_matches_uninterrupted(toy, tmp_path) -> None:
+    """A run stopped mid-way (here: by an exception) and resumed ends where a whole run does."""
+    _, x, _ = toy
+    cfg = TrainConfig(architecture="relu", n_latents=64, tokens=40_000, batch_size=256,
+                      checkpoint_every_steps=20, resample_every_steps=40, dead_after_tokens=5_000,
+                      progress=False, seed=3, device="cpu")
+    whole = Trainer(MatrixSource(x), cfg, tmp_path / "a").run()
+
+    class Stop(Exception):
+        pass
+
+    class Flaky(MatrixSource):
+        def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+            for i, b in enumerate(super().batches(batch_size, seed, start_step)):
+                if start_step == 0 and i == 97:
+                    raise Stop
+                yield b
+
+    with pytest.raises(Stop):
+        Trainer(Flaky(x), cfg, tmp_path / "b").run()
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 80
+    resumed = Trainer(Flaky(x), cfg, tmp_path / "b").run()
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), name
+
+
+def test_resume_refuses_changed_settings(toy, tmp_path) -> None:
+    _, x, _ = toy
+    cfg = TrainConfig(architecture="topk", k=3, n_latents=64, tokens=5_000, batch_size=256,
+                      progress=False)
+    Trainer(MatrixSource(x), cfg, tmp_path).run()
+    other = cfg.model_copy(update={"k": 5})
+    with pytest.raises(SaelabError, match=r"other settings: k \(3 -> 5\)"):
+        Trainer(MatrixSource(x), other, tmp_path).run()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path) -> None:
+    _, x, _ = toy
+
+    class Poisoned(MatrixSource):
+        def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+            for i, b in enumerate(super().batches(batch_size, seed, start_step), start=start_step):
+                if i == 36:  # the 37th step sees an overflowing row
+                    b[0, 0] = 3e38
+                yield b
+
+    cfg = TrainConfig(architecture="topk", k=3, n_latents=64, tokens=20_000, batch_size=256,
+                      checkpoint_every_steps=10, progress=False, normalize_inputs=False)
+    with pytest.raises(TrainingDiverged, match="at step 37.*last good checkpoint \\(step 30\\)") as e:
+        Trainer(Poisoned(x), cfg, tmp_path).run()
+    assert e.value.step == 37
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 30
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
