@@ -21,7 +21,7 @@ def make(arch: str, seed: int = 0) -> SAE:
     cfg = SAEConfig(architecture=arch, d_in=D, n_latents=N, k=K if "topk" in arch else None)
     sae = create(cfg)
     with torch.no_grad():  # non-trivial biases so every path is exercised
-        for name, p in sae.named_parameters():
+        for _name, p in sae.named_parameters():
             if p.ndim == 1:
                 p.add_(0.05 * torch.randn_like(p))
     return sae
@@ -171,7 +171,7 @@ def test_k_must_be_below_n_latents() -> None:
 
 
 def test_load_errors_name_the_problem(tmp_path) -> None:
-    with pytest.raises(InputError, match="no cfg.json"):
+    with pytest.raises(InputError, match=r"no cfg\.json"):
         SAE.load(tmp_path)
     make("relu").save(tmp_path / "s")
     (tmp_path / "s" / "sae_weights.safetensors").write_bytes(b"garbage")

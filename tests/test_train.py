@@ -195,7 +195,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path) -> 
 
     cfg = TrainConfig(architecture="topk", k=3, n_latents=64, tokens=20_000, batch_size=256,
                       checkpoint_every_steps=10, progress=False, normalize_inputs=False)
-    with pytest.raises(TrainingDiverged, match="at step 37.*last good checkpoint \\(step 30\\)") as e:
+    with pytest.raises(TrainingDiverged, match=r"at step 37.*last good checkpoint \(step 30\)") as e:
         Trainer(Poisoned(x), cfg, tmp_path).run()
     assert e.value.step == 37
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

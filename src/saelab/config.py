@@ -218,6 +218,7 @@ def add_arguments(
         typ, choices = _scalar_type(field.annotation)
         default = field.get_default(call_default_factory=True)
         help_text = (field.description or "") + (f" [default: {default}]" if default is not None else "")
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
         if typ is bool:
             target.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text

@@ -1,0 +1,44 @@
+# saelab: every target installs what it needs into .venv from nothing, then runs.
+# torch==2.13.0 goes in first: an unpinned torch would pull the multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint toy benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default: the superposition benchmark, quick version.
+demo: $(STAMP)
+	$(VENV)/bin/saelab toy --quick --out runs/toy-quick
+
+## The whole test suite (what CI runs).
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+## Quick local loop: skips tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+## The full sweep committed under benchmarks/toy (about 6 minutes on 2 cores).
+toy: $(STAMP)
+	$(VENV)/bin/saelab toy --out benchmarks/toy
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,142 @@
+"""The ``saelab`` command: it works end to end, and bad input ends in one clear line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saelab.cli import main
+from saelab.data.toy import ToyDataConfig, make_toy_data
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory) -> Path:
+    data = make_toy_data(ToyDataConfig(d_in=16, n_features=32, avg_active=2, seed=5))
+    x, _ = data.sample(4_000, seed=1)
+    path = tmp_path_factory.mktemp("acts") / "acts.npy"
+    np.save(path, x.numpy())
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "saelab", *args], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in {last!r}"
+
+
+TRAIN = ["--n-latents", "64", "--k", "2", "--tokens", "20000", "--batch-size", "256",
+         "--no-progress"]
+
+
+def test_train_then_eval(acts, tmp_path, capsys) -> None:
+    out = tmp_path / "sae"
+    assert main(["train", "--acts", str(acts), "--out", str(out), *TRAIN]) == 0
+    assert (out / "cfg.json").exists() and (out / "sae_weights.safetensors").exists()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert {"step", "fvu", "l0", "dead_fraction", "tokens_per_s", "lr"} <= set(last)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--acts", str(acts), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["fvu"] < 0.8 and metrics["l0"] <= 2 and metrics["rows"] == 4000
+    assert main(["eval", str(out), "--acts", str(acts)]) == 0
+    table = capsys.readouterr().out
+    assert "FVU" in table and "dead latents" in table
+    # Re-running a finished run does not retrain.
+    before = (out / "sae_weights.safetensors").stat().st_mtime_ns
+    assert main(["train", "--acts", str(acts), "--out", str(out), *TRAIN]) == 0
+    assert (out / "sae_weights.safetensors").stat().st_mtime_ns == before
+
+
+def test_train_accepts_safetensors(acts, tmp_path) -> None:
+    st = tmp_path / "acts.safetensors"
+    save_file({"activations": torch.from_numpy(np.load(acts))}, str(st))
+    assert main(["train", "--acts", str(st), "--out", str(tmp_path / "s"), *TRAIN]) == 0
+
+
+def test_help_lists_every_option() -> None:
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0
+    for flag in ("--arch", "--n-latents", "--k", "--l1-coefficient", "--tokens", "--batch-size",
+                 "--seed", "--out", "--drop-nonfinite", "--resample-every-steps"):
+        assert flag in proc.stdout
+    for cmd in ("eval", "toy"):
+        assert run_cli(cmd, "--help").returncode == 0
+
+
+def test_matrix_that_is_not_2d(tmp_path) -> None:
+    bad = tmp_path / "3d.npy"
+    np.save(bad, np.zeros((4, 5, 6), dtype=np.float32))
+    assert_one_line_error(run_cli("train", "--acts", str(bad), "--out", str(tmp_path / "o")),
+                          "2-D", "(4, 5, 6)")
+
+
+def test_nan_rows_are_counted_and_located_or_dropped(acts, tmp_path) -> None:
+    x = np.load(acts)
+    x[[3, 10, 11]] = np.nan
+    x[20, 5] = np.inf
+    bad = tmp_path / "nan.npy"
+    np.save(bad, x)
+    assert_one_line_error(run_cli("train", "--acts", str(bad), "--out", str(tmp_path / "o"), *TRAIN),
+                          "4 of 4000 rows", "rows 3, 10, 11, 20", "--drop-nonfinite")
+    ok = run_cli("train", "--acts", str(bad), "--out", str(tmp_path / "o2"), *TRAIN,
+                 "--drop-nonfinite")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_empty_file(tmp_path) -> None:
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    assert_one_line_error(run_cli("train", "--acts", str(empty), "--out", str(tmp_path / "o")),
+                          "empty")
+    zero_rows = tmp_path / "zero.npy"
+    np.save(zero_rows, np.zeros((0, 8), dtype=np.float32))
+    assert_one_line_error(run_cli("train", "--acts", str(zero_rows), "--out", str(tmp_path / "o")),
+                          "empty")
+
+
+def test_missing_and_unreadable_files(tmp_path) -> None:
+    assert_one_line_error(run_cli("train", "--acts", str(tmp_path / "nope.npy"), "--out", "o"),
+                          "no such file")
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(b"not numpy at all")
+    assert_one_line_error(run_cli("train", "--acts", str(junk), "--out", "o"), "not a readable .npy")
+
+
+def test_k_not_below_n_latents(acts, tmp_path) -> None:
+    assert_one_line_error(
+        run_cli("train", "--acts", str(acts), "--out", str(tmp_path / "o"), "--n-latents", "8",
+                "--k", "8"),
+        "k = 8 must be smaller than n_latents = 8")
+
+
+def test_unknown_architecture(acts, tmp_path) -> None:
+    proc = run_cli("train", "--acts", str(acts), "--out", str(tmp_path / "o"), "--arch", "sparse")
+    assert_one_line_error(proc, "invalid choice: 'sparse'", "topk")
+
+
+def test_bad_option_value_is_one_line(acts, tmp_path) -> None:
+    proc = run_cli("train", "--acts", str(acts), "--out", str(tmp_path / "o"), "--batch-size", "0")
+    assert_one_line_error(proc, "batch-size", "greater than 0")
+
+
+def test_eval_width_mismatch(acts, tmp_path) -> None:
+    out = tmp_path / "sae"
+    assert main(["train", "--acts", str(acts), "--out", str(out), *TRAIN]) == 0
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((10, 17), dtype=np.float32))
+    assert_one_line_error(run_cli("eval", str(out), "--acts", str(wide)), "width 17", "d_in = 16")
+    assert_one_line_error(run_cli("eval", str(tmp_path), "--acts", str(acts)), "no cfg.json")
