@@ -68,8 +68,6 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.steps = cfg.steps()
         self.sae_cfg = cfg.sae_config(source.d_in)
-        if self.sae_cfg.architecture in ("topk", "batchtopk") and self.sae_cfg.k is not None:
-            assert self.sae_cfg.k < self.sae_cfg.n_latents
         self.n = self.sae_cfg.n_latents
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, source.d_in // 2)
         self.lr = cfg.lr if cfg.lr is not None else default_lr(self.n)
