@@ -71,14 +71,12 @@ def _toy(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from saelab.config import build
-    from saelab.studies.superposition import ToySweepConfig, run_sweep, write_outputs
+    from saelab.studies.superposition import ToySweepConfig, run_sweep, sweep_cells, write_outputs
 
     base = ToySweepConfig.quick() if args.quick else ToySweepConfig()
     overrides = {k: v for k, v in {"tokens": args.tokens, "seed": args.seed}.items() if v}
     cfg = build(ToySweepConfig, **{**base.model_dump(), **overrides})
-    n_cells = sum(1 for _ in cfg.l1_coefficients for _ in cfg.ratios) + sum(
-        1 for k in cfg.ks for r in cfg.ratios if k < round(r * cfg.data.n_features))
-    bar = tqdm(total=n_cells, unit="sae", desc="toy sweep", dynamic_ncols=True)
+    bar = tqdm(total=len(sweep_cells(cfg)), unit="sae", desc="toy sweep", dynamic_ncols=True)
 
     def report(r: dict) -> None:
         bar.set_postfix_str(f"{r['architecture']} {r['param']}={r['value']:g} "

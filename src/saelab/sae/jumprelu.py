@@ -54,10 +54,8 @@ class JumpReluSAE(SAE):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        init = float(cfg.train.get("jumprelu_init_threshold", 0.1))
-        self.log_threshold = nn.Parameter(
-            torch.full((cfg.n_latents,), math.log(init), dtype=self.W_dec.dtype)
-        )
+        # Set by init_weights (from the training config) or by loading saved weights.
+        self.log_threshold = nn.Parameter(torch.zeros(cfg.n_latents, dtype=self.W_dec.dtype))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

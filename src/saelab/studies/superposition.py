@@ -51,6 +51,19 @@ class ToySweepConfig(_Config):
                    tokens=300_000, batch_size=256)
 
 
+def sweep_cells(cfg: ToySweepConfig) -> list[tuple[str, str, float, int, float]]:
+    """(architecture, parameter, value, n_latents, ratio) of every SAE the sweep trains;
+    TopK cells with k ≥ n_latents are left out."""
+    cells = [("relu", "l1_coefficient", lam, r) for lam in cfg.l1_coefficients for r in cfg.ratios]
+    cells += [("topk", "k", k, r) for k in cfg.ks for r in cfg.ratios]
+    out = []
+    for arch, param, value, ratio in cells:
+        n_latents = max(1, round(ratio * cfg.data.n_features))
+        if not (param == "k" and value >= n_latents):
+            out.append((arch, param, value, n_latents, ratio))
+    return out
+
+
 def run_sweep(
     cfg: ToySweepConfig, on_result: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
@@ -59,14 +72,8 @@ def run_sweep(
     x_train, _ = data.sample(cfg.train_rows, seed=cfg.data.seed + 1)
     x_eval, _ = data.sample(cfg.eval_rows, seed=cfg.data.seed + 2)
     train_source, eval_source = MatrixSource(x_train, "toy-train"), MatrixSource(x_eval, "toy-eval")
-    cells: list[tuple[str, str, float, float]] = [
-        ("relu", "l1_coefficient", lam, r) for lam in cfg.l1_coefficients for r in cfg.ratios
-    ] + [("topk", "k", k, r) for k in cfg.ks for r in cfg.ratios]
     results = []
-    for arch, param, value, ratio in cells:
-        n_latents = max(1, round(ratio * cfg.data.n_features))
-        if param == "k" and value >= n_latents:
-            continue
+    for arch, param, value, n_latents, ratio in sweep_cells(cfg):
         results.append(_run_cell(cfg, data, train_source, eval_source, arch, param, value,
                                  n_latents, ratio))
         if on_result:
