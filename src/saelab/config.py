@@ -168,6 +168,40 @@ class TrainConfig(_Config):
         return self
 
 
+class TextConfig(_Config):
+    """Which text and how it is cut into windows (shared by harvest and evaluation)."""
+
+    corpus: str = Field(
+        default="python-docs+python-stdlib",
+        description="Corpus: python-stdlib, python-docs, a text/JSONL/parquet file or folder, a "
+        "datasets.save_to_disk folder; join several with '+'.",
+    )
+    context_length: int = Field(default=256, ge=4, description="Tokens per context window.")
+    batch_size: int = Field(default=16, gt=0, description="Context windows per forward pass.")
+    heldout_fraction: float = Field(
+        default=0.05, ge=0, lt=1, description="Share of documents held out for evaluation."
+    )
+    text_field: str = Field(default="text", description="Text field of JSONL / parquet / datasets rows.")
+    keep_special: bool = Field(
+        default=False, description="Keep BOS/CLS/SEP positions (dropped by default)."
+    )
+    device: str = Field(default="auto", description="Device for the model: auto, cpu, cuda[:N].")
+
+
+class HarvestConfig(TextConfig):
+    """Model x corpus -> activation store."""
+
+    model: str = Field(description="Model: smollm2-135m, minilm-l6, a local HF folder or .gguf file.")
+    hooks: list[str] = Field(min_length=1, description="Hook points, e.g. blocks.6.hook_resid_post.")
+    tokens: int = Field(default=1_000_000, gt=0, description="Activation rows to harvest per hook.")
+    dtype: DType = Field(default="float16", description="Storage dtype of the shards.")
+    shard_rows: int = Field(default=65536, gt=0, description="Rows per shard (approximately).")
+    split: Literal["train", "heldout"] = Field(
+        default="train", description="Which documents to read: train, or the held-out ones (for evaluation)."
+    )
+    progress: bool = Field(default=True, description="Show a progress bar.")
+
+
 def validation_message(err: ValidationError) -> str:
     """One readable line from a pydantic error: 'field: problem; field: problem'."""
     parts = []
@@ -178,12 +212,12 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def build(model: type[BaseModel], **values: Any) -> Any:
-    """Validate ``values`` into ``model``, turning errors into one-line SaelabErrors."""
+def build(cls: type[BaseModel], /, **values: Any) -> Any:
+    """Validate ``values`` into ``cls``, turning errors into one-line SaelabErrors."""
     try:
-        return model(**values)
+        return cls(**values)
     except ValidationError as e:
-        raise SaelabError(f"invalid {model.__name__}: {validation_message(e)}") from None
+        raise SaelabError(f"invalid {cls.__name__}: {validation_message(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,8 +250,10 @@ def add_arguments(
             continue
         flag = "--" + name.replace("_", "-")
         typ, choices = _scalar_type(field.annotation)
-        default = field.get_default(call_default_factory=True)
-        help_text = (field.description or "") + (f" [default: {default}]" if default is not None else "")
+        required = field.is_required()
+        default = None if required else field.get_default(call_default_factory=True)
+        suffix = " [required]" if required else f" [default: {default}]" if default is not None else ""
+        help_text = (field.description or "") + suffix
         help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
         if typ is bool:
             target.add_argument(
@@ -230,12 +266,13 @@ def add_arguments(
                 type=typ,
                 choices=choices,
                 default=None,
+                required=required,
                 help=help_text,
                 metavar=None if choices else name.upper(),
             )
 
 
-def from_args(model: type[BaseModel], args: argparse.Namespace, **overrides: Any) -> Any:
+def from_args(model: type[BaseModel], args: argparse.Namespace, /, **overrides: Any) -> Any:
     """Build ``model`` from the flags the user actually set (plus ``overrides``)."""
     values = {
         name: getattr(args, name)

@@ -9,7 +9,7 @@ sharded on-disk store implements the same protocol.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -41,6 +41,17 @@ class ActivationSource(Protocol):
         ...
 
     def describe(self) -> str: ...
+
+
+def rebatch(groups: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """Cut a stream of row groups into batches of exactly ``batch_size`` rows."""
+    carry: Tensor | None = None
+    for group in groups:
+        rows = group if carry is None else torch.cat([carry, group])
+        n_full = rows.shape[0] // batch_size
+        for b in range(n_full):
+            yield rows[b * batch_size:(b + 1) * batch_size]
+        carry = rows[n_full * batch_size:]
 
 
 class MatrixSource:
@@ -140,10 +151,6 @@ def load_matrix(path: str | Path, drop_nonfinite: bool = False) -> MatrixSource:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(
-            f"{path} is a folder; pass a .npy or .safetensors activation matrix"
-        )
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
@@ -187,6 +194,10 @@ def open_source(data: ActivationSource | Tensor | np.ndarray | str | Path,
     if isinstance(data, (Tensor, np.ndarray)):
         return MatrixSource(data, drop_nonfinite=drop_nonfinite)
     if isinstance(data, (str, Path)):
+        if Path(data).is_dir():
+            from saelab.activations.store import open_store
+
+            return open_store(data)
         return load_matrix(data, drop_nonfinite=drop_nonfinite)
     if isinstance(data, ActivationSource):
         return data

@@ -1,0 +1,184 @@
+"""Measure an SAE inside its model: splice the reconstruction in at its hook point.
+
+On held-out windows the model runs four times per batch: clean; with the SAE's
+reconstruction in place of the activations at the hook ("spliced"); with them set to
+zero; and with them set to their mean over the evaluation tokens. Only the positions the
+SAE was trained on are replaced (BOS/CLS/SEP and padding are left alone, as in harvest).
+
+For a causal LM the report is next-token cross-entropy under each condition, the CE loss
+recovered (CE_zero − CE_spliced) / (CE_zero − CE_clean) and its mean-ablation variant,
+ΔCE = CE_spliced − CE_clean and KL(clean ‖ spliced). For an encoder without an LM head it
+is the cosine similarity of mean-pooled embeddings to the clean ones. Either way FVU, L0,
+dead and dense fractions of the SAE on the same tokens come with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelab.activations.harvest import first_tokens, text_batches
+from saelab.activations.hooks import hook_width, run_hooked
+from saelab.config import TextConfig
+from saelab.data.text import TokenBatch
+from saelab.errors import InputError
+from saelab.eval.metrics import ReconstructionAccumulator
+from saelab.models import LoadedModel
+from saelab.sae.base import SAE
+
+CONDITIONS = ("spliced", "zero", "mean")
+
+
+@dataclass
+class SpliceResult:
+    model: str
+    hook_name: str
+    tokens: int
+    fvu: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+    # causal LMs
+    ce_clean: float | None = None
+    ce_spliced: float | None = None
+    ce_zero: float | None = None
+    ce_mean: float | None = None
+    ce_recovered: float | None = None
+    ce_recovered_mean: float | None = None
+    delta_ce: float | None = None
+    kl: float | None = None
+    # encoders
+    cos_spliced: float | None = None
+    cos_zero: float | None = None
+    cos_mean: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def recovered(ce_clean: float, ce_patched: float, ce_ablated: float) -> float:
+    """(CE_ablated − CE_patched) / (CE_ablated − CE_clean): 1 = as good as clean, 0 = as bad
+    as the ablation."""
+    return (ce_ablated - ce_patched) / (ce_ablated - ce_clean)
+
+
+def check_sae_fits(sae: SAE, lm: LoadedModel, hook: str) -> None:
+    width = hook_width(lm.model, hook)
+    if width != sae.d_in:
+        raise InputError(
+            f"the SAE reads d_in = {sae.d_in} but {lm.name} {hook} is {width} wide; pass the hook "
+            "(and model) the SAE was trained on"
+        )
+
+
+def _pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean over real tokens, as sentence-transformers pools MiniLM."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def _replace(mask: Tensor, fill: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def fn(x: Tensor) -> Tensor:
+        return torch.where(mask.unsqueeze(-1), fill(x).to(x.dtype), x)
+    return fn
+
+
+class _CausalTotals:
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.ce = dict.fromkeys(("clean", *CONDITIONS), 0.0)
+        self.kl = 0.0
+
+    def add(self, batch: TokenBatch, logits: dict[str, Tensor]) -> None:
+        # Predict token t+1 from position t, wherever token t+1 is real text.
+        target = batch.input_ids[:, 1:].to(logits["clean"].device)
+        valid = batch.attention_mask[:, 1:].bool().to(target.device)
+        n = int(valid.sum())
+        self.tokens += n
+        logp = {}
+        for name, lg in logits.items():
+            lp = F.log_softmax(lg[:, :-1].double(), dim=-1)
+            logp[name] = lp
+            nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            self.ce[name] += float(nll[valid].sum())
+        p_clean = logp["clean"].exp()
+        kl = (p_clean * (logp["clean"] - logp["spliced"])).sum(-1)
+        self.kl += float(kl[valid].sum())
+
+    def result(self) -> dict[str, float]:
+        ce = {k: v / max(self.tokens, 1) for k, v in self.ce.items()}
+        return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
+                "ce_mean": ce["mean"],
+                "ce_recovered": recovered(ce["clean"], ce["spliced"], ce["zero"]),
+                "ce_recovered_mean": recovered(ce["clean"], ce["spliced"], ce["mean"]),
+                "delta_ce": ce["spliced"] - ce["clean"], "kl": self.kl / max(self.tokens, 1)}
+
+
+@torch.no_grad()
+def splice_eval(sae: SAE, lm: LoadedModel, text: TextConfig, tokens: int = 4096,
+                hook: str | None = None, progress: bool = True) -> SpliceResult:
+    """Evaluate ``sae`` spliced into ``lm`` on about ``tokens`` held-out tokens."""
+    hook = hook or sae.cfg.hook_name
+    if not hook:
+        raise InputError("the SAE's cfg.json names no hook point; pass --hook")
+    check_sae_fits(sae, lm, hook)
+    dev = lm.device
+    sae = sae.to(dev).eval()
+    batches = first_tokens(text_batches(lm, text, "heldout"), tokens)
+    if not batches:
+        raise InputError(f"corpus {text.corpus!r} has no held-out documents")
+
+    # Pass 1 (only up to the hook): the mean activation for mean ablation.
+    total, count = torch.zeros(sae.d_in, dtype=torch.float64, device=dev), 0
+    for b in batches:
+        cap, _ = run_hooked(lm.model, b.input_ids.to(dev), b.attention_mask.to(dev), capture=[hook])
+        rows = cap[hook][b.content_mask.to(dev)]
+        total += rows.double().sum(0)
+        count += rows.shape[0]
+    mean = (total / max(count, 1)).float()
+
+    acc = ReconstructionAccumulator(sae.n_latents)
+    causal = _CausalTotals()
+    cos = dict.fromkeys(CONDITIONS, 0.0)
+    windows = 0
+    bar = tqdm(batches, desc="splice eval", unit="batch", dynamic_ncols=True, disable=not progress)
+    for b in bar:
+        ids, attn = b.input_ids.to(dev), b.attention_mask.to(dev)
+        mask = b.content_mask.to(dev)
+        cap, clean = run_hooked(lm.model, ids, attn, capture=[hook], need_output=True)
+        x = cap[hook][mask].to(sae.W_dec.dtype)
+        z = sae.encode(x)
+        acc.add(x, sae.decode(z), z)
+        fills: dict[str, Callable[[Tensor], Tensor]] = {
+            "spliced": lambda a: sae(a),
+            "zero": torch.zeros_like,
+            "mean": lambda a: mean.expand_as(a),
+        }
+        outputs = {"clean": clean}
+        for name, fill in fills.items():
+            _, outputs[name] = run_hooked(lm.model, ids, attn, replace={hook: _replace(mask, fill)},
+                                          need_output=True)
+        if lm.causal:
+            causal.add(b, {k: o.logits for k, o in outputs.items()})
+        else:
+            ref = _pool(outputs["clean"].last_hidden_state, attn)
+            for name in CONDITIONS:
+                pooled = _pool(outputs[name].last_hidden_state, attn)
+                cos[name] += float(F.cosine_similarity(ref, pooled, dim=-1).sum())
+            windows += ids.shape[0]
+    bar.close()
+    m = acc.result()
+    result = SpliceResult(model=lm.name, hook_name=hook, tokens=m.rows, fvu=m.fvu, l0=m.l0,
+                          dead_fraction=m.dead_fraction, dense_fraction=m.dense_fraction)
+    if lm.causal:
+        for k, v in causal.result().items():
+            setattr(result, k, v)
+    else:
+        result.cos_spliced, result.cos_zero, result.cos_mean = (cos[c] / windows for c in CONDITIONS)
+    return result
