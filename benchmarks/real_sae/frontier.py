@@ -1,15 +1,12 @@
 """Plot the FVU-vs-L0 frontier of the TopK and ReLU-L1 sweeps and write results.md.
 
-    python benchmarks/real_sae/frontier.py                 # after run.sh
-    python benchmarks/real_sae/frontier.py --matched-l1 32  # print the L1 coefficient for L0 = 32
+    python benchmarks/real_sae/frontier.py      # after run.sh
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -24,31 +21,15 @@ def points(arch: str) -> list[dict]:
     return sorted(out, key=lambda r: r["l0"])
 
 
-def matched_l1(target: float) -> float:
-    """Interpolate log(λ) against log(L0) between the two sweep points around the target."""
-    pts = [(float(r["param"]), r["l0"]) for r in points("relu")]
-    pts.sort(key=lambda p: p[1])
-    for (l1a, l0a), (l1b, l0b) in itertools.pairwise(pts):
-        if l0a <= target <= l0b:
-            t = (math.log(target) - math.log(l0a)) / (math.log(l0b) - math.log(l0a))
-            return math.exp(math.log(l1a) + t * (math.log(l1b) - math.log(l1a)))
-    raise SystemExit(f"no two ReLU sweep points bracket L0 = {target}: {pts}")
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--matched-l1", type=float, default=None)
-    args = ap.parse_args()
-    if args.matched_l1 is not None:
-        print(f"{matched_l1(args.matched_l1):.3g}")
-        return
+    argparse.ArgumentParser(description=__doc__).parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for arch, label, marker in (("topk", "TopK (k = 8, 16, 32, 64)", "o"),
+    for arch, label, marker in (("topk", "TopK (k = 16, 32, 64)", "o"),
                                 ("relu", "ReLU + L1 (λ sweep)", "s")):
         pts = points(arch)
         ax.plot([p["l0"] for p in pts], [p["fvu"] for p in pts], marker=marker, label=label)
@@ -59,7 +40,7 @@ def main() -> None:
     ax.set_yscale("log")
     ax.set_xlabel("L0 (active latents per token, held-out)")
     ax.set_ylabel("FVU (held-out)")
-    ax.set_title("SmolLM2-135M blocks.6.hook_resid_post, 16x (9216 latents), 1M tokens")
+    ax.set_title("SmolLM2-135M blocks.6.hook_resid_post, 16x (9216 latents), 1M tokens, batch 1024")
     ax.title.set_fontsize(9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

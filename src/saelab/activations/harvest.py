@@ -67,13 +67,16 @@ def activations(lm: LoadedModel, hooks: list[str], batch: TokenBatch) -> dict[st
 
 
 def first_tokens(batches: Iterable[TokenBatch], tokens: int) -> list[TokenBatch]:
-    """The leading batches that hold at least ``tokens`` content tokens."""
+    """The leading windows that hold at least ``tokens`` content tokens (whole windows)."""
     out, got = [], 0
     for b in batches:
-        out.append(b)
-        got += b.n_content
-        if got >= tokens:
+        per_window = b.content_mask.sum(1).cumsum(0)
+        if got + int(per_window[-1]) >= tokens:
+            keep = int(torch.searchsorted(per_window, tokens - got)) + 1
+            out.append(b.take(keep))
             break
+        out.append(b)
+        got += int(per_window[-1])
     return out
 
 

@@ -237,6 +237,11 @@ class TokenBatch:
     def n_content(self) -> int:
         return int(self.content_mask.sum())
 
+    def take(self, n_windows: int) -> TokenBatch:
+        """The first ``n_windows`` windows."""
+        return TokenBatch(self.input_ids[:n_windows], self.attention_mask[:n_windows],
+                          self.content_mask[:n_windows])
+
 
 def _token_stream(corpus: Corpus, tokenizer: Any, split: Split, doc_sep_id: int | None,
                   docs_per_call: int = 32) -> Iterator[list[int]]:
