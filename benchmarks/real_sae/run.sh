@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's real-model results, end to end. Every step resumes if re-run.
 #   bash benchmarks/real_sae/run.sh            (about 110 minutes on 2 CPU cores)
-# Writes runs/ (stores, SAEs) and benchmarks/real_sae/*.json, frontier.png, results.md.
+# Writes runs/ (stores, SAEs) and benchmarks/real_sae/*.json, frontier.png, frontier.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 S=.venv/bin/saelab
