@@ -90,26 +90,31 @@ def _replace(mask: Tensor, fill: Callable[[Tensor], Tensor]) -> Callable[[Tensor
 
 
 class _CausalTotals:
+    """Running CE sums per condition and KL(clean ‖ spliced). Log-probabilities are taken in
+    float64 one window at a time, so memory stays at a window × vocab, not a batch × vocab
+    per condition."""
+
     def __init__(self) -> None:
         self.tokens = 0
         self.ce = dict.fromkeys(("clean", *CONDITIONS), 0.0)
         self.kl = 0.0
 
-    def add(self, batch: TokenBatch, logits: dict[str, Tensor]) -> None:
+    def add(self, batch: TokenBatch, clean: Tensor, name: str, logits: Tensor) -> None:
+        """Add condition ``name``'s logits (and, with "spliced", the clean CE and the KL)."""
         # Predict token t+1 from position t, wherever token t+1 is real text.
-        target = batch.input_ids[:, 1:].to(logits["clean"].device)
+        target = batch.input_ids[:, 1:].to(clean.device)
         valid = batch.attention_mask[:, 1:].bool().to(target.device)
-        n = int(valid.sum())
-        self.tokens += n
-        logp = {}
-        for name, lg in logits.items():
-            lp = F.log_softmax(lg[:, :-1].double(), dim=-1)
-            logp[name] = lp
-            nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            self.ce[name] += float(nll[valid].sum())
-        p_clean = logp["clean"].exp()
-        kl = (p_clean * (logp["clean"] - logp["spliced"])).sum(-1)
-        self.kl += float(kl[valid].sum())
+        first = name == CONDITIONS[0]
+        if first:
+            self.tokens += int(valid.sum())
+        for i in range(target.shape[0]):
+            v, t = valid[i], target[i][valid[i]]
+            lp = F.log_softmax(logits[i, :-1][v].double(), dim=-1)
+            self.ce[name] -= float(lp.gather(-1, t[:, None]).sum())
+            if first:
+                lc = F.log_softmax(clean[i, :-1][v].double(), dim=-1)
+                self.ce["clean"] -= float(lc.gather(-1, t[:, None]).sum())
+                self.kl += float((lc.exp() * (lc - lp)).sum())
 
     def result(self) -> dict[str, float]:
         ce = {k: v / max(self.tokens, 1) for k, v in self.ce.items()}
@@ -160,18 +165,17 @@ def splice_eval(sae: SAE, lm: LoadedModel, text: TextConfig, tokens: int = 4096,
             "zero": torch.zeros_like,
             "mean": lambda a: mean.expand_as(a),
         }
-        outputs = {"clean": clean}
+        # One condition at a time, reduced at once: only the clean output is kept alongside.
         for name, fill in fills.items():
-            _, outputs[name] = run_hooked(lm.model, ids, attn, replace={hook: _replace(mask, fill)},
-                                          need_output=True)
-        if lm.causal:
-            causal.add(b, {k: o.logits for k, o in outputs.items()})
-        else:
-            ref = _pool(outputs["clean"].last_hidden_state, attn)
-            for name in CONDITIONS:
-                pooled = _pool(outputs[name].last_hidden_state, attn)
+            _, out = run_hooked(lm.model, ids, attn, replace={hook: _replace(mask, fill)}, need_output=True)
+            if lm.causal:
+                causal.add(b, clean.logits, name, out.logits)
+            else:
+                ref = _pool(clean.last_hidden_state, attn)
+                pooled = _pool(out.last_hidden_state, attn)
                 cos[name] += float(F.cosine_similarity(ref, pooled, dim=-1).sum())
-            windows += ids.shape[0]
+            del out
+        windows += ids.shape[0]
     bar.close()
     m = acc.result()
     result = SpliceResult(model=lm.name, hook_name=hook, tokens=m.rows, fvu=m.fvu, l0=m.l0,
