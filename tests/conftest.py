@@ -21,3 +21,33 @@ def smollm():
     from saelab.models import load_model
 
     return load_model("smollm2-135m")
+
+
+XSS_SCRIPT = "<script>window.__xss = 1</script>"
+XSS_IMG = '"><img src=x onerror="window.__xss = 2">'
+
+
+@pytest.fixture(scope="session")
+def small_atlas(tmp_path_factory, smollm):
+    """An atlas of a random TopK SAE (1,152 latents, k = 16) on SmolLM2 blocks.2, over a small
+    corpus whose held-out half contains HTML/JS injection attempts."""
+    import torch
+    from helpers import write_corpus
+
+    from saelab.analyse.atlas import build_atlas
+    from saelab.config import AtlasConfig, SAEConfig
+    from saelab.sae.base import create
+
+    root = tmp_path_factory.mktemp("atlas")
+    corpus = write_corpus(root / "corpus", n_docs=24, words=70)
+    for i in range(6):
+        (corpus / f"web_{i}.txt").write_text(
+            f"Page {i} says {XSS_SCRIPT} and then {XSS_IMG} before the end of the page.\n")
+    sae = create(SAEConfig(architecture="topk", d_in=576, n_latents=1152, k=16,
+                           hook_name="blocks.2.hook_resid_post", model_name="smollm2-135m"))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    sae.save(root / "sae")
+    cfg = AtlasConfig(corpus=str(corpus), context_length=64, batch_size=4, heldout_fraction=0.5,
+                      eval_tokens=256, progress=False)
+    result = build_atlas(root / "sae", cfg, root / "small.atlas", lm=smollm)
+    return {"path": result.path, "sae": root / "sae", "cfg": cfg, "result": result, "root": root}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's real-model results, end to end. Every step resumes if re-run.
 #   bash benchmarks/real_sae/run.sh            (about 110 minutes on 2 CPU cores)
-# Writes runs/ (stores, SAEs) and benchmarks/real_sae/*.json, frontier.png, frontier.md.
+# Writes runs/ (stores, SAEs, the atlas) and benchmarks/real_sae/*.json, frontier.png, frontier.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 S=.venv/bin/saelab
@@ -58,3 +58,6 @@ $S train --acts runs/minilm-l3 --arch topk --expansion-factor 16 --k 32 --tokens
 once $OUT/minilm-topk-k32.splice.json $S eval runs/minilm-topk-k32 --tokens 8192 --context-length 128 --json
 
 .venv/bin/python $OUT/frontier.py
+
+# 6. The feature atlas of the headline SAE (all held-out tokens, up to 1M), for `saelab serve`.
+[ -s runs/smol-topk-k32.atlas ] || $S atlas runs/smol-topk-k32 --out runs/smol-topk-k32.atlas

@@ -9,9 +9,13 @@
     lm = load_model("smollm2-135m")
     harvest(HarvestConfig(model="smollm2-135m", hooks=["blocks.6.hook_resid_post"]), "store", lm=lm)
     sae = train_sae(ActivationStore("store"), architecture="topk", expansion_factor=16, k=32)
+
+    from saelab import build_atlas, AtlasConfig, Atlas
+    build_atlas("my_sae", AtlasConfig(tokens=200_000), "my_sae.atlas", lm=lm)
+    Atlas("my_sae.atlas").page(0)   # one feature: examples, histogram, logit effects, ...
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import InputError, SaelabError, TrainingDiverged
@@ -27,6 +31,9 @@ _LAZY = {
     "splice_eval": "saelab.eval.splice",
     "HarvestConfig": "saelab.config",
     "TextConfig": "saelab.config",
+    "AtlasConfig": "saelab.config",
+    "build_atlas": "saelab.analyse.atlas",
+    "Atlas": "saelab.analyse.atlasdb",
 }
 
 
@@ -41,6 +48,8 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "SAE",
     "ActivationStore",
+    "Atlas",
+    "AtlasConfig",
     "HarvestConfig",
     "InputError",
     "ModelStream",
@@ -50,6 +59,7 @@ __all__ = [
     "TrainConfig",
     "TrainingDiverged",
     "__version__",
+    "build_atlas",
     "create",
     "harvest",
     "load_model",

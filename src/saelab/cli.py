@@ -168,6 +168,42 @@ def _harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _atlas(args: argparse.Namespace) -> int:
+    from saelab.analyse.atlas import build_atlas
+    from saelab.config import AtlasConfig, from_args
+
+    cfg = from_args(AtlasConfig, args)
+    r = build_atlas(args.sae_dir, cfg, args.out)
+    rate = f"{r.tokens_per_s:,.0f} tokens/s in the pass, " if r.tokens_per_s else ""
+    print(f"{r.path}: {r.features:,} features over {r.tokens:,} held-out tokens "
+          f"({rate}{r.seconds:.0f} s in all)")
+    print(f"browse it: saelab serve {r.path}")
+    return 0
+
+
+def _export_html(args: argparse.Namespace) -> int:
+    from saelab.view.export import export_html
+
+    out = export_html(args.atlas, args.out)
+    print(f"{out}/index.html: open it in a browser, or host the folder as static files")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from saelab.view.server import create_app
+
+    app = create_app(args.atlas, live=args.live, sae_dir=args.sae, device=args.device,
+                     max_chars=args.max_chars, max_tokens=args.max_tokens)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"saelab serve: listening on {args.host}: anyone who can reach it can read the atlas "
+              "and run the live model", file=sys.stderr)
+    print(f"saelab serve: http://{args.host}:{args.port}/  (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    return 0
+
+
 def _toy(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -197,7 +233,7 @@ def _toy(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from saelab import __version__
-    from saelab.config import ARCHITECTURES, HarvestConfig, TrainConfig, add_arguments
+    from saelab.config import ARCHITECTURES, AtlasConfig, HarvestConfig, TrainConfig, add_arguments
 
     parser = argparse.ArgumentParser(
         prog="saelab", description="Sparse autoencoders on neural-network activations.")
@@ -257,6 +293,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, HarvestConfig, exclude={"hooks"}, group_title="harvest options")
     p.set_defaults(func=_harvest)
 
+    p = sub.add_parser("atlas", help="build the feature atlas of an SAE (then: saelab serve)",
+                       description="Run the SAE's model over held-out text and record, for every feature, "
+                       "its density, activation histogram, top and quantile-band examples, logit effects, "
+                       "nearest and co-firing features and a label, in one SQLite file. A killed build "
+                       "re-run with the same arguments resumes. `saelab atlas export-html ATLAS --out DIR` "
+                       "writes the atlas as a static site.")
+    p.add_argument("sae_dir", type=Path, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="atlas file to write, e.g. runs/sae.atlas")
+    add_arguments(p, AtlasConfig, group_title="atlas options")
+    p.set_defaults(func=_atlas)
+
+    p = sub.add_parser("export-html", help="write an atlas as a static site (also: saelab atlas export-html)",
+                       prog="saelab atlas export-html",
+                       description="Write the atlas as a folder of static files (index.html and data "
+                       "scripts) that opens from disk or any static host; everything but the live text box.")
+    p.add_argument("atlas", type=Path, help="atlas file (saelab atlas --out)")
+    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    p.set_defaults(func=_export_html)
+
+    p = sub.add_parser("serve", help="browse an atlas in a web viewer",
+                       description="Serve the atlas viewer: the feature list, feature pages, search, "
+                       "the global page, and a live text box that runs the model and SAE on any text. "
+                       "Read-only; bound to 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("atlas", type=Path, help="atlas file (saelab atlas --out)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1]")
+    p.add_argument("--port", type=int, default=8000, help="port [default: 8000]")
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
+                   help="load the model and SAE for the live text box [default: on]")
+    p.add_argument("--sae", default=None,
+                   help="SAE folder for the live box [default: the one the atlas records]")
+    p.add_argument("--device", default="auto", help="device for the live model [default: auto]")
+    p.add_argument("--max-chars", type=int, default=2000,
+                   help="live text limit in characters [default: 2000]")
+    p.add_argument("--max-tokens", type=int, default=256, help="live text limit in tokens [default: 256]")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level [default: warning]")
+    p.set_defaults(func=_serve)
+
     p = sub.add_parser("toy", help="the 2022 superposition benchmark sweep",
                        description="Train ReLU-L1 (L1 coefficient x dictionary ratio) and TopK "
                        "(k x ratio) SAEs on synthetic data with known features; write a CSV, "
@@ -271,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["atlas", "export-html"]:
+        argv = ["export-html", *argv[2:]]
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

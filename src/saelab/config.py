@@ -202,6 +202,41 @@ class HarvestConfig(TextConfig):
     progress: bool = Field(default=True, description="Show a progress bar.")
 
 
+class AtlasConfig(TextConfig):
+    """SAE x model x held-out text -> feature atlas (statistics and examples of every feature)."""
+
+    model: str | None = Field(default=None, description="Model [default: the one in the SAE's cfg.json].")
+    hook: str | None = Field(default=None, description="Hook point [default: the one in the SAE's cfg.json].")
+    tokens: int = Field(default=1_000_000, gt=0, description="Held-out tokens to read.")
+    top_examples: int = Field(
+        default=16, ge=1, le=256, description="Top-activating examples kept per feature."
+    )
+    bands: int = Field(default=4, ge=1, le=16, description="Activation quantile bands per feature.")
+    band_examples: int = Field(default=4, ge=1, le=64, description="Examples shown per quantile band.")
+    before: int = Field(
+        default=24, ge=0, le=512, description="Context tokens shown before the example's peak."
+    )
+    after: int = Field(default=8, ge=0, le=512, description="Context tokens shown after the example's peak.")
+    neighbours: int = Field(default=10, ge=1, le=100, description="Nearest and co-firing features listed.")
+    logit_tokens: int = Field(default=10, ge=1, le=100, description="Tokens listed per logit-effect side.")
+    cofire_tokens: int = Field(default=32768, ge=0, description="Tokens sampled for co-firing statistics.")
+    eval_tokens: int = Field(
+        default=4096, ge=0, description="Held-out tokens for the splice metrics on the global page (0: skip)."
+    )
+    checkpoint_every: float = Field(default=60.0, gt=0, description="Seconds between resume checkpoints.")
+    explainer_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) for explanations.",
+    )
+    explainer_model: str = Field(default="gpt-4o-mini", description="Model name sent to the explainer.")
+    explain_features: int = Field(
+        default=100, ge=0, description="How many features (a random sample of those that fire) the explainer "
+        "explains and scores."
+    )
+    seed: int = Field(default=0, description="Seed of the quantile-band sampling.")
+    progress: bool = Field(default=True, description="Show a progress bar.")
+
+
 def validation_message(err: ValidationError) -> str:
     """One readable line from a pydantic error: 'field: problem; field: problem'."""
     parts = []

@@ -38,19 +38,20 @@ class Family:
     blocks: tuple[str, ...]  # candidate attribute paths to the list of blocks
     # kind -> (submodule path inside the block ('' = the block), "in" or "out")
     points: dict[str, tuple[str, str]]
+    final_norm: tuple[str, ...] = ()  # candidate paths to the norm before the unembedding
 
 
 _RESID = {"hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
 FAMILIES = (
     Family("llama", ("model.layers", "layers"), {
         **_RESID, "hook_attn_out": ("self_attn.o_proj", "out"), "hook_mlp_out": ("mlp", "out"),
-        "mlp.hook_post": ("mlp.down_proj", "in")}),
+        "mlp.hook_post": ("mlp.down_proj", "in")}, ("model.norm", "norm")),
     Family("gpt2", ("transformer.h", "h"), {
         **_RESID, "hook_attn_out": ("attn.c_proj", "out"), "hook_mlp_out": ("mlp", "out"),
-        "mlp.hook_post": ("mlp.c_proj", "in")}),
+        "mlp.hook_post": ("mlp.c_proj", "in")}, ("transformer.ln_f", "ln_f")),
     Family("gpt_neox", ("gpt_neox.layers", "layers"), {
         **_RESID, "hook_attn_out": ("attention.dense", "out"), "hook_mlp_out": ("mlp", "out"),
-        "mlp.hook_post": ("mlp.dense_4h_to_h", "in")}),
+        "mlp.hook_post": ("mlp.dense_4h_to_h", "in")}, ("gpt_neox.final_layer_norm", "final_layer_norm")),
     Family("bert", ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), {
         **_RESID, "hook_attn_out": ("attention.output.dense", "out"),
         "hook_mlp_out": ("output.dense", "out"), "mlp.hook_post": ("intermediate", "out")}),
@@ -82,6 +83,24 @@ def _blocks(model: nn.Module) -> tuple[Family, nn.ModuleList]:
         f"{type(model).__name__}: no hook points known for this architecture (saelab knows the "
         f"Llama, GPT-2, GPT-NeoX and BERT module trees)"
     )
+
+
+def unembedding(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """(W_U [vocab, d_model], the final norm's scale [d_model] or None) of a model with an LM
+    head, else None. A direction d's effect on the logits is taken as W_U @ (scale * d): the
+    final norm's per-feature scale applies, its data-dependent division does not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        return None
+    fam, _ = _blocks(model)
+    for path in fam.final_norm:
+        try:
+            norm = _get(model, path)
+        except AttributeError:
+            continue
+        w = getattr(norm, "weight", None)
+        return head.weight.detach(), None if w is None else w.detach()
+    return head.weight.detach(), None
 
 
 def hook_names(model: nn.Module) -> list[str]:

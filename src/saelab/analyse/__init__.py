@@ -1,0 +1,1 @@
+"""Analysis of trained SAEs: the feature atlas (statistics, examples, labels) and its file."""

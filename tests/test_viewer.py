@@ -1,0 +1,252 @@
+"""The atlas viewer: its API (FastAPI TestClient), and the pages in a real headless Chromium
+(Debian's chromium driven by Playwright): list, feature page, search, live text box, a
+screenshot with content, and a corpus of HTML/JS injections that renders as text."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import XSS_IMG, XSS_SCRIPT
+from fastapi.testclient import TestClient
+
+from saelab.analyse.atlasdb import Atlas
+from saelab.view.export import export_html
+from saelab.view.server import create_app
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def client(small_atlas):
+    with TestClient(create_app(small_atlas["path"], live=True, device="cpu")) as c:
+        yield c
+
+
+def test_api_list_sort_filter_and_page(client, small_atlas):
+    atlas = Atlas(small_atlas["path"])
+    r = client.get("/api/features", params={"sort": "density", "order": "desc", "limit": 20})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["total"] == atlas.n_features == 1152
+    dens = [f["density"] for f in body["items"]]
+    assert len(dens) == 20 and dens == sorted(dens, reverse=True)
+    page2 = client.get("/api/features", params={"sort": "density", "offset": 20, "limit": 20}).json()
+    assert page2["items"][0]["density"] <= dens[-1] and page2["items"][0]["id"] not in {
+        f["id"] for f in body["items"]
+    }
+    asc = client.get("/api/features", params={"sort": "max_act", "order": "asc"}).json()["items"]
+    assert [f["max_act"] for f in asc] == sorted(f["max_act"] for f in asc)
+    label = body["items"][0]["label"]
+    hits = client.get("/api/features", params={"q": label.strip("“”")}).json()
+    assert hits["total"] >= 1 and all(label.strip("“”").lower() in f["label"].lower() for f in hits["items"])
+    few = client.get("/api/features", params={"min_density": dens[4]}).json()
+    assert few["total"] >= 5 and all(f["density"] >= dens[4] for f in few["items"])
+    assert client.get("/api/features", params={"sort": "id; DROP TABLE features"}).status_code == 422
+    assert client.get("/api/features", params={"q": "'; DROP TABLE features; --"}).json()["total"] == 0
+
+
+def test_api_feature_search_and_errors(client, small_atlas):
+    fid = client.get("/api/features", params={"limit": 1}).json()["items"][0]["id"]  # densest
+    f = client.get(f"/api/feature/{fid}")
+    assert f.status_code == 200 and f.json()["id"] == fid and "logits" in f.json()
+    missing = client.get("/api/feature/999999")
+    assert missing.status_code == 404 and "0 to 1151" in missing.json()["detail"]
+    s = client.get("/api/search", params={"q": str(fid)}).json()
+    assert s["by_id"]["id"] == fid
+    page = f.json()
+    peak_token = page["vocab"][str(page["top"][0]["t"][page["top"][0]["peak"]])]
+    by_token = client.get("/api/search", params={"q": peak_token}).json()["by_token"]
+    assert fid in [h["id"] for h in by_token]
+    # no file outside the atlas can be read through the server
+    for path in ("/static/../../../etc/passwd", "/static/%2e%2e/%2e%2e/etc/passwd", "/static/../server.py"):
+        r = client.get(path)
+        assert r.status_code == 404 and "root:" not in r.text
+    r = client.get("/")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_api_live_text(client):
+    r = client.post("/api/live", json={"text": "def main():\n    return 0"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert "".join(out["tokens"]) == "def main():\n    return 0"
+    assert all(len(fs) == 8 for fs in out["features"])  # TopK k = 16: every token has features
+    assert out["top"] and all(str(i) in out["labels"] for i, _ in out["top"])
+    too_long = client.post("/api/live", json={"text": "x" * 2001})
+    assert too_long.status_code == 413 and "2000" in too_long.json()["detail"]
+    capped = client.post("/api/live", json={"text": "a b " * 400}).json()
+    assert capped["truncated"] and len(capped["tokens"]) == 256
+
+
+# ---------------------------------------------------------------- the browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(small_atlas):
+    import uvicorn
+
+    port = _free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(small_atlas["path"], device="cpu"), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "the viewer did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`make install` does)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+    pg.errors = errors
+    yield pg
+    assert not errors, errors
+    pg.close()
+
+
+def _not_blank(png: Path) -> None:
+    import numpy as np
+    from matplotlib.image import imread
+
+    img = imread(png)[..., :3]
+    inked = (img.min(axis=-1) < 0.85).mean()
+    colours = len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+    assert inked > 0.03 and colours > 50, (inked, colours)
+
+
+def test_browser_list_feature_and_keyboard(server, page, tmp_path):
+    page.goto(server + "/")
+    page.wait_for_selector("#feature-table tbody tr")
+    rows = page.locator("#feature-table tbody tr")
+    assert rows.count() == 50
+    assert "1,152 features" in page.inner_text("main")
+    page.click("th:has-text('Max act.')")  # sort by max activation, descending
+    page.wait_for_function("location.hash.includes('sort=max_act')")
+    page.wait_for_selector("#feature-table tbody tr")
+    first = page.locator("#feature-table tbody tr").first.get_attribute("data-id")
+    page.keyboard.press("Enter")  # open the selected (first) row
+    page.wait_for_selector("#top-examples .example")
+    assert page.url.endswith(f"#/f/{first}")
+    assert page.locator("#top-examples .example").count() >= 1
+    assert page.locator("#top-examples .tok.peak").count() >= 1
+    assert page.locator("#bands .example").count() >= 1
+    assert page.locator("#logits tr").count() == 20  # 10 raised, 10 lowered tokens
+    assert page.locator("svg.hist rect").count() >= 1
+    title = page.locator(".tok.peak").first.get_attribute("title")
+    assert "·" in title  # hover shows the activation
+    page.keyboard.press("j")
+    page.wait_for_function(f"location.hash === '#/f/{int(first) + 1}'")
+    page.wait_for_selector("#feature-label")
+    page.goto(server + f"/feature/{first}")  # linkable URL per feature
+    page.wait_for_selector("#top-examples .example")
+    shot = tmp_path / "feature.png"
+    page.screenshot(path=str(shot), full_page=True)
+    _not_blank(shot)
+
+
+def test_browser_search_about_and_live(server, page):
+    page.goto(server + "/")
+    page.wait_for_selector("#feature-table")
+    page.keyboard.press("/")
+    page.keyboard.type("7")
+    page.keyboard.press("Enter")
+    page.wait_for_function("location.hash === '#/search/7'")
+    page.wait_for_selector("main h2")
+    assert page.locator("main a[href='#/f/7']").count() >= 1
+    page.goto(server + "/#/about")
+    page.wait_for_selector("#metrics")
+    text = page.inner_text("main")
+    assert "smollm2-135m" in text and "blocks.2.hook_resid_post" in text and "CE loss recovered" in text
+    page.goto(server + "/#/live")
+    page.fill("#live-text", "import os\nprint(os.getcwd())")
+    page.click("#live-run")
+    page.wait_for_selector("#live-tokens .tok")
+    assert page.locator("#live-tokens .tok").count() >= 6
+    page.locator("#live-tokens .tok").nth(2).click()
+    page.wait_for_selector("main .cols h2:has-text('Token')")
+    assert page.locator("#live-top li").count() >= 1
+
+
+def _xss_features(atlas_path: Path) -> list[int]:
+    atlas = Atlas(atlas_path)
+    ids = {h["id"] for tok in ("script", "img", "onerror") for h in atlas.features_with_token(tok)}
+    assert ids, "the injection text should be among some feature's top examples"
+    return sorted(ids)[:3]
+
+
+def test_browser_renders_injected_markup_as_text(server, page, small_atlas):
+    for fid in _xss_features(small_atlas["path"]):
+        page.goto(server + f"/#/f/{fid}")
+        page.wait_for_selector("#top-examples .example")
+        text = page.inner_text("#top-examples")
+        assert "script" in text or "img" in text or "onerror" in text
+        assert page.evaluate("window.__xss") is None
+        assert page.locator("main img, main script").count() == 0
+    page.goto(server + "/#/live")
+    page.fill("#live-text", XSS_SCRIPT + XSS_IMG)
+    page.click("#live-run")
+    page.wait_for_selector("#live-tokens .tok")
+    assert page.inner_text("#live-tokens").replace("⏎", "\n") == XSS_SCRIPT + XSS_IMG
+    assert page.evaluate("window.__xss") is None
+
+
+def test_static_export_in_the_browser(small_atlas, page, tmp_path):
+    site = export_html(small_atlas["path"], tmp_path / "site", progress=False)
+    fid = _xss_features(small_atlas["path"])[0]
+    page.goto((site / "index.html").as_uri() + f"#/f/{fid}")
+    page.wait_for_selector("#top-examples .example")
+    assert page.locator("#logits tr").count() == 20
+    assert page.evaluate("window.__xss") is None
+    page.goto((site / "index.html").as_uri() + "#/?sort=density")
+    page.wait_for_selector("#feature-table tbody tr")
+    assert page.locator("#feature-table tbody tr").count() == 50
+    page.goto((site / "index.html").as_uri() + "#/live")
+    page.wait_for_selector("main .error")
+    assert "static export" in page.inner_text("main")
+    shutil.rmtree(site)
