@@ -51,3 +51,20 @@ def small_atlas(tmp_path_factory, smollm):
                       eval_tokens=256, progress=False)
     result = build_atlas(root / "sae", cfg, root / "small.atlas", lm=smollm)
     return {"path": result.path, "sae": root / "sae", "cfg": cfg, "result": result, "root": root}
+
+
+@pytest.fixture(scope="session")
+def trained_sae(tmp_path_factory, smollm):
+    """A TopK SAE (4x, k = 16) trained for real on SmolLM2 blocks.3.hook_resid_post, streamed
+    from the model over 120k tokens of the Python sources (about half a minute)."""
+    from saelab.activations.harvest import ModelStream
+    from saelab.config import TextConfig, TrainConfig
+    from saelab.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("trained") / "sae"
+    text = TextConfig(corpus="python-stdlib", context_length=128, batch_size=16)
+    source = ModelStream(smollm, "blocks.3.hook_resid_post", text, tokens=120_000)
+    cfg = TrainConfig(architecture="topk", expansion_factor=4, k=16, tokens=120_000, batch_size=1024, lr=1e-3,
+                      progress=False, model_name="smollm2-135m", hook_name="blocks.3.hook_resid_post")
+    sae = Trainer(source, cfg, out).run()
+    return sae, out

@@ -204,6 +204,52 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 48) -> str:
+    """Two texts in two columns (newlines shown as ⏎ so the columns stay aligned)."""
+    import textwrap
+
+    cols = [textwrap.wrap(t.replace("\n", "⏎ "), width) or [""] for t in (left, right)]
+    rows = [f"{titles[0]:<{width}} │ {titles[1]}", f"{'─' * width}─┼─{'─' * width}"]
+    for i in range(max(len(c) for c in cols)):
+        a, b = (c[i] if i < len(c) else "" for c in cols)
+        rows.append(f"{a:<{width}} │ {b}")
+    return "\n".join(rows)
+
+
+def _steer(args: argparse.Namespace) -> int:
+    from saelab.activations.harvest import open_model
+    from saelab.errors import InputError
+    from saelab.eval.splice import check_sae_fits
+    from saelab.sae.base import SAE
+    from saelab.steer import Edit, generate
+
+    given = (("clamp", args.clamp), ("scale", args.scale), ("add", args.add))
+    modes = {m: v for m, v in given if v is not None}
+    if args.ablate:
+        modes["ablate"] = 0.0
+    if len(modes) != 1:
+        raise InputError("say how to change the feature(s): exactly one of --clamp V, --scale V, --ablate, "
+                         "--add V")
+    (mode, value), = modes.items()
+    sae = SAE.load(args.sae)
+    model = args.model or sae.cfg.model_name
+    hook = args.hook or sae.cfg.hook_name
+    if not model or not hook:
+        raise InputError(f"{args.sae}/cfg.json names no model or hook; pass --model and --hook")
+    lm = open_model(model, args.device)
+    check_sae_fits(sae, lm, hook)
+    sae = sae.to(lm.device).eval()
+    edits = [Edit(f, mode, value) for f in args.feature]
+    c = generate(lm, sae, hook, args.prompt, edits, max_new_tokens=args.max_new_tokens)
+    what = ", ".join(f"#{f}" for f in args.feature)
+    amount = {"ablate": "", "clamp": f" = {value:g}", "scale": f" x {value:g}",
+              "add": f" + {value:g} x direction"}
+    label = f"{mode} {what}{amount[mode]}"
+    print(f"prompt: {args.prompt}\n")
+    print(side_by_side(c.clean, c.steered, ("unsteered", f"steered ({label})")))
+    return 0
+
+
 def _toy(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -329,6 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="live text limit in tokens [default: 256]")
     p.add_argument("--log-level", default="warning", help="uvicorn log level [default: warning]")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("steer", help="steer a model's generation with SAE features",
+                       description="Generate a greedy continuation of --prompt twice: as the model is, and "
+                       "with the chosen features clamped, scaled, ablated or their decoder direction added "
+                       "at the SAE's hook (the SAE's error term is kept, so untouched features leave the "
+                       "model exactly as it was). Prints both side by side.")
+    p.add_argument("--sae", required=True, type=Path, help="SAE folder")
+    p.add_argument("--feature", type=int, action="append", required=True, metavar="ID",
+                   help="feature to change (repeat for several)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--clamp", type=float, default=None, metavar="V",
+                     help="set the feature's activation to V")
+    how.add_argument("--scale", type=float, default=None, metavar="F", help="multiply its activation by F")
+    how.add_argument("--ablate", action="store_true", help="set its activation to zero")
+    how.add_argument("--add", type=float, default=None, metavar="V", help="add V x its decoder direction")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate [default: 40]")
+    p.add_argument("--model", default=None, help="model [default: from the SAE's cfg.json]")
+    p.add_argument("--hook", default=None, help="hook point [default: from the SAE's cfg.json]")
+    p.add_argument("--device", default="auto", help="device [default: auto]")
+    p.set_defaults(func=_steer)
 
     p = sub.add_parser("toy", help="the 2022 superposition benchmark sweep",
                        description="Train ReLU-L1 (L1 coefficient x dictionary ratio) and TopK "

@@ -192,6 +192,14 @@ def _hooks(model: nn.Module, capture: list[str], replace: dict[str, Replace],
             h.remove()
 
 
+@contextmanager
+def replaced(model: nn.Module, replace: dict[str, Replace]) -> Iterator[None]:
+    """While inside, every forward pass of ``model`` (generation included) passes the values
+    at each hook point through its function in ``replace``."""
+    with _hooks(model, [], replace, stop_early=False):
+        yield
+
+
 @torch.no_grad()
 def run_hooked(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
                capture: list[str] | tuple[str, ...] = (), replace: dict[str, Replace] | None = None,
