@@ -85,6 +85,31 @@ def test_api_live_text(client):
     assert capped["truncated"] and len(capped["tokens"]) == 256
 
 
+def test_api_steer_and_attribute(client):
+    prompt = "def main():\n    return"
+
+    def steer(**kw):
+        return client.post("/api/steer", json={"feature": 3, "prompt": prompt, "max_new_tokens": 8, **kw})
+
+    same = steer(mode="scale", value=1.0).json()  # an edit that changes nothing
+    assert same["clean"] and same["steered"] == same["clean"]
+    pushed = steer(mode="add", value=200.0).json()
+    assert pushed["clean"] == same["clean"] and pushed["steered"] != pushed["clean"]
+    assert "3" in pushed["labels"] and pushed["seconds"] > 0
+    missing = steer(feature=99999)
+    assert missing.status_code == 404 and "0 to 1151" in missing.json()["detail"]
+    assert steer(max_new_tokens=1000).status_code == 422
+    assert steer(mode="explode").status_code == 422
+    assert steer(prompt="x" * 2001).status_code == 413
+
+    text = "import os\nimport sys\nimport"
+    a = client.post("/api/attribute", json={"text": text}).json()
+    assert "".join(a["tokens"]) == text and len(a["features"]) == len(a["tokens"])
+    assert a["target"] and a["top"] and all(str(i) in a["labels"] for i, _ in a["top"])
+    chosen = client.post("/api/attribute", json={"text": text, "target": " json"}).json()
+    assert chosen["target"] == " json" and chosen["logit"] != a["logit"]
+
+
 # ---------------------------------------------------------------- the browser
 
 
@@ -211,6 +236,28 @@ def test_browser_search_about_and_live(server, page):
     page.locator("#live-tokens .tok").nth(2).click()
     page.wait_for_selector("main .cols h2:has-text('Token')")
     assert page.locator("#live-top li").count() >= 1
+    # attribution of the next token, per token of the text
+    page.fill("#attr-target", " (")
+    page.click("#attr-run")
+    page.wait_for_selector("#attr-tokens li")
+    assert page.locator("#attr-tokens > li").count() == page.locator("#live-tokens .tok").count()
+    assert page.text_content("#attr-target-token") == " ("
+    assert page.locator("#attr-top li a").count() >= 1
+
+
+def test_browser_steering_box(server, page):
+    page.goto(server + "/#/f/3")
+    page.wait_for_selector("#steer-run")
+    page.fill("#steer-prompt", "def main():\n    return")
+    page.select_option("#steer-mode", "add")
+    page.fill("#steer-value", "200")
+    page.fill("#steer-tokens", "8")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-out .continuation.steered")
+    clean = page.inner_text("#steer-out .continuation.clean")
+    steered = page.inner_text("#steer-out .continuation.steered")
+    assert clean.startswith("def main():") and steered.startswith("def main():") and clean != steered
+    assert "#3 direction × 200 added" in page.inner_text("#steer-out")
 
 
 def _xss_features(atlas_path: Path) -> list[int]:

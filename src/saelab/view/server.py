@@ -10,10 +10,16 @@ Routes::
     GET  /api/feature/{id}       one feature's page (stored gzip'd; sent as is)
     GET  /api/search?q=          by id, by label/explanation text, by token
     POST /api/live {"text": …}   the SAE run live on the text: features per token
+    POST /api/steer {"feature", "prompt", "mode", "value", "max_new_tokens"}
+                                 greedy continuations of the prompt, clean and steered
+    POST /api/attribute {"text", "target"}
+                                 which features drive the next-token logit of target
+                                 (default: the model's prediction), per token
 
 Every query is parameterised; no route takes a file path, and the static files come from
-the package folder only. The live route bounds its input (characters and tokens) and runs
-one request at a time, answering 503 when busy for longer than ``live_wait`` seconds.
+the package folder only. The model routes bound their input (characters, tokens, new
+tokens) and run one request at a time, answering 503 when busy for longer than
+``live_wait`` seconds.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from __future__ import annotations
 import gzip
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -37,6 +43,7 @@ from saelab.analyse.atlasdb import SORTS, Atlas
 from saelab.errors import SaelabError
 
 STATIC = Path(__file__).parent / "static"
+MAX_NEW_TOKENS = 64
 SECURITY_HEADERS = [
     (
         b"content-security-policy",
@@ -69,6 +76,23 @@ class SecurityHeaders:
 
 class LiveRequest(BaseModel):
     text: str = Field(description="Text to run through the model and SAE.")
+
+
+class SteerRequest(BaseModel):
+    feature: int = Field(ge=0, description="The feature to change.")
+    prompt: str = Field(min_length=1, description="Text to continue.")
+    mode: Literal["clamp", "scale", "ablate", "add"] = Field(
+        default="clamp", description="clamp to value, scale by value, ablate, or add value x its direction."
+    )
+    value: float = Field(default=0.0, ge=-1e4, le=1e4, description="The strength.")
+    max_new_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate.")
+
+
+class AttributeRequest(BaseModel):
+    text: str = Field(min_length=1, description="The prompt whose next token is explained.")
+    target: str | None = Field(
+        default=None, max_length=64, description="Token to explain [default: the model's prediction]."
+    )
 
 
 @dataclass
@@ -118,13 +142,39 @@ class LiveModel:
         }
 
 
-def _load_live(atlas: Atlas, sae_dir: str | None, device: str, max_chars: int, max_tokens: int) -> LiveModel:
+    def tokens_of(self, text: str) -> tuple[str, bool]:
+        """``text`` cut to the token limit, and whether it was cut."""
+        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_tokens:
+            return text, False
+        return self.lm.tokenizer.decode(ids[: self.max_tokens]), True
+
+    def steer(self, req: SteerRequest) -> dict[str, Any]:
+        from saelab.steer import Edit, generate
+
+        prompt, truncated = self.tokens_of(req.prompt)
+        edit = Edit(req.feature, req.mode, req.value)
+        c = generate(self.lm, self.sae, self.hook, prompt, [edit], max_new_tokens=req.max_new_tokens)
+        return {"prompt": prompt, "truncated": truncated, "clean": c.clean, "steered": c.steered,
+                "feature": req.feature, "mode": req.mode, "value": req.value}
+
+    def attribute(self, req: AttributeRequest, top: int = 8) -> dict[str, Any]:
+        from saelab.steer import attribute
+
+        a = attribute(self.lm, self.sae, self.hook, req.text, target=req.target, top=top,
+                      max_tokens=self.max_tokens)
+        return {"tokens": a.tokens, "target": a.target, "target_id": a.target_id, "logit": round(a.logit, 4),
+                "features": a.per_token, "top": a.top}
+
+
+def _load_live(atlas: Atlas, sae_dir: str | None, device: str, max_chars: int, max_tokens: int,
+               lm: Any = None) -> LiveModel:
     from saelab.activations.harvest import open_model
     from saelab.sae.base import SAE
 
     path = sae_dir or atlas.meta["sae"]["path"]
     sae = SAE.load(path)
-    lm = open_model(atlas.meta["model"], device)
+    lm = lm or open_model(atlas.meta["model"], device)
     return LiveModel(
         sae.to(lm.device).eval(), lm, atlas.meta["hook_name"], max_chars, max_tokens, threading.Lock()
     )
@@ -138,9 +188,11 @@ def create_app(
     max_chars: int = 2000,
     max_tokens: int = 256,
     live_wait: float = 10.0,
+    lm: Any = None,
 ) -> FastAPI:
     """The viewer app for the atlas at ``atlas_path``. With ``live``, the SAE (from the path
-    the atlas records, or ``sae_dir``) and its model load at startup for the text box."""
+    the atlas records, or ``sae_dir``) and its model (or ``lm``, already loaded) load at
+    startup for the text box, steering and attribution."""
     atlas = Atlas(atlas_path)
     state: dict[str, Any] = {"live": None, "live_error": None if live else "started with --no-live"}
 
@@ -148,7 +200,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if live:
             try:
-                state["live"] = _load_live(atlas, sae_dir, device, max_chars, max_tokens)
+                state["live"] = _load_live(atlas, sae_dir, device, max_chars, max_tokens, lm)
             except (SaelabError, OSError) as e:
                 state["live_error"] = f"the live text box is off: {e}"
         yield
@@ -170,6 +222,8 @@ def create_app(
         return {
             **atlas.meta,
             "live": state["live"] is not None,
+            "steer": state["live"] is not None and bool(state["live"].lm.causal),
+            "max_new_tokens": MAX_NEW_TOKENS,
             "live_error": state["live_error"],
             "max_chars": max_chars,
             "max_tokens": max_tokens,
@@ -207,24 +261,42 @@ def create_app(
         _, by_label = atlas.list_features("density", True, q, limit=50)
         return {"q": q, "by_id": by_id, "by_label": by_label, "by_token": atlas.features_with_token(q)}
 
-    @app.post("/api/live")
-    def live_run(req: LiveRequest) -> JSONResponse:
+    def with_model(text: str, work: Callable[[LiveModel], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``work`` on the live model: bounded input, one request at a time, timed, with
+        the labels of every feature the answer names."""
         lm: LiveModel | None = state["live"]
         if lm is None:
-            raise HTTPException(503, state["live_error"] or "the live text box is off")
-        if len(req.text) > lm.max_chars:
-            raise HTTPException(413, f"text is {len(req.text)} characters; the limit is {lm.max_chars}")
+            raise HTTPException(503, state["live_error"] or "the live model is off")
+        if len(text) > lm.max_chars:
+            raise HTTPException(413, f"text is {len(text)} characters; the limit is {lm.max_chars}")
         if not lm.lock.acquire(timeout=live_wait):
             raise HTTPException(503, "the model is busy with other requests; try again")
         try:
             t0 = time.perf_counter()
-            out = lm.run(req.text)
+            out = work(lm)
             out["seconds"] = round(time.perf_counter() - t0, 3)
+        except SaelabError as e:
+            raise HTTPException(422, str(e)) from None
         finally:
             lm.lock.release()
-        ids = {i for tok in out["features"] for i, _ in tok} | {i for i, _ in out["top"]}
+        ids = {i for tok in out.get("features", []) for i, _ in tok} | {i for i, _ in out.get("top", [])}
+        ids |= {out["feature"]} if "feature" in out else set()
         out["labels"] = {str(k): v for k, v in atlas.labels(sorted(ids)).items()}
-        return JSONResponse(out)
+        return out
+
+    @app.post("/api/live")
+    def live_run(req: LiveRequest) -> JSONResponse:
+        return JSONResponse(with_model(req.text, lambda lm: lm.run(req.text)))
+
+    @app.post("/api/steer")
+    def steer(req: SteerRequest) -> JSONResponse:
+        if req.feature >= atlas.n_features:
+            raise HTTPException(404, f"no feature {req.feature} (the atlas has 0 to {atlas.n_features - 1})")
+        return JSONResponse(with_model(req.prompt, lambda lm: lm.steer(req)))
+
+    @app.post("/api/attribute")
+    def attribute(req: AttributeRequest) -> JSONResponse:
+        return JSONResponse(with_model(req.text, lambda lm: lm.attribute(req)))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -99,8 +99,13 @@ const api = {
     const byToken = (staticTokens[ql.trim()] || []).map(([id, a]) => ({ id, activation: a, token: q, label: all[id].label }));
     return { q, by_id: byId, by_label: byLabel, by_token: byToken };
   },
-  live: (text) => getJSON("api/live", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ text }) }),
+  live: (text) => post("api/live", { text }),
+  steer: (body) => post("api/steer", body),
+  attribute: (text, target) => post("api/attribute", { text, target: target || null }),
 };
+function post(url, body) {
+  return getJSON(url, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+}
 
 // ---------------------------------------------------------------- shared pieces
 function tokenSpans(tokens, acts, max, peak) {
@@ -219,8 +224,42 @@ async function pageFeature(id) {
           el("div", {}, el("div", { class: "muted" }, "lowers"), logitTable(f.logits.neg, "neg")))] : null,
         el("h2", {}, "Nearest features (decoder cosine)"), relList(f.neighbours, "cos"),
         el("h2", {}, "Co-firing features (Jaccard)"), relList(f.cofire, "J"))),
+    steerBox(id, f),
   );
   document.title = `#${id} ${f.label} · saelab atlas`;
+}
+
+// The steering box: a prompt continued twice, as the model is and with this feature changed
+// at the SAE's hook (the SAE's error term kept, so nothing else moves).
+function steerBox(id, f) {
+  if (STATIC || !META.steer) return null;
+  const peak = f.max_act || 1;
+  const prompt = el("textarea", { id: "steer-prompt", class: "short", maxlength: META.max_chars, "aria-label": "prompt" });
+  prompt.value = "The";
+  const mode = el("select", { id: "steer-mode", "aria-label": "how to change the feature" },
+    el("option", { value: "clamp" }, "clamp to"), el("option", { value: "add" }, "add direction ×"),
+    el("option", { value: "scale" }, "scale by"), el("option", { value: "ablate" }, "ablate"));
+  const value = el("input", { id: "steer-value", type: "number", step: "any", size: 8, value: (2 * peak).toPrecision(3), "aria-label": "strength" });
+  const tokens = el("input", { id: "steer-tokens", type: "number", min: 1, max: META.max_new_tokens, value: 32, size: 4, "aria-label": "new tokens" });
+  const out = el("div", { id: "steer-out" });
+  const run = async () => {
+    out.replaceChildren(el("p", { class: "muted" }, "generating…"));
+    try {
+      const r = await api.steer({ feature: id, prompt: prompt.value, mode: mode.value, value: +value.value || 0, max_new_tokens: +tokens.value || 32 });
+      const what = { clamp: `#${id} clamped to ${r.value}`, add: `#${id} direction × ${r.value} added`, scale: `#${id} scaled by ${r.value}`, ablate: `#${id} ablated` }[r.mode];
+      const col = (title, cls, text) => el("div", {}, el("div", { class: "muted" }, title),
+        el("div", { class: `continuation ${cls}` }, el("span", { class: "prompt" }, r.prompt), text));
+      out.replaceChildren(el("div", { class: "cols" }, col("unsteered", "clean", r.clean), col(`steered: ${what}`, "steered", r.steered)),
+        el("p", { class: "muted" }, `${r.seconds} s${r.truncated ? " · prompt truncated" : ""}`));
+    } catch (e) {
+      out.replaceChildren(el("p", { class: "error" }, e.message));
+    }
+  };
+  prompt.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
+  return el("section", { id: "steer" }, el("h2", {}, "Steer the model with this feature"),
+    el("p", { class: "muted" }, `Greedy continuations of the prompt, without and with the feature changed at ${META.hook_name}. Its largest activation on the atlas tokens is ${fmt(peak)}.`),
+    prompt, el("div", { class: "filters" }, mode, value, el("label", {}, "new tokens ", tokens),
+      el("button", { id: "steer-run", onclick: run }, "Steer (Ctrl+Enter)")), out);
 }
 
 async function pageSearch(q) {
@@ -271,9 +310,32 @@ function pageLive() {
     }
   };
   box.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
+  const target = el("input", { id: "attr-target", size: 12, maxlength: 64, placeholder: "predicted", "aria-label": "target token" });
+  const attrOut = el("div", { class: "live-out", id: "attr-out" });
+  const attribute = async () => {
+    attrOut.replaceChildren(el("p", { class: "muted" }, "attributing…"));
+    try {
+      const r = await api.attribute(box.value, target.value);
+      const labels = r.labels || {};
+      const chip = ([id, v]) => el("li", {}, featLink(id, labels[id]), el("span", { class: v > 0 ? "pos" : "neg" }, ` ${v > 0 ? "+" : ""}${fmt(v)}`));
+      attrOut.replaceChildren(
+        el("p", {}, "Next token ", el("span", { class: "tokentext", id: "attr-target-token" }, showToken(r.target)),
+          el("span", { class: "muted" }, ` · logit ${fmt(r.logit)} · activation × gradient of that logit, per token (${r.seconds} s)`)),
+        el("div", { class: "cols" },
+          el("ol", { id: "attr-tokens", class: "attr" }, r.tokens.map((t, i) => el("li", {},
+            el("span", { class: "tokentext" }, showToken(t)),
+            r.features[i].length ? el("ul", { class: "chips" }, r.features[i].slice(0, 4).map(chip)) : el("span", { class: "muted" }, " –")))),
+          el("div", {}, el("h2", {}, "Most attributed over the prompt"), el("ul", { class: "links", id: "attr-top" }, r.top.map(chip)))));
+    } catch (e) {
+      attrOut.replaceChildren(el("p", { class: "error" }, e.message));
+    }
+  };
   show(el("h1", {}, "Live text"),
     el("p", { class: "muted" }, `The model and SAE run on your text (at most ${META.max_chars} characters, ${META.max_tokens} tokens).`),
-    box, el("p", {}, el("button", { id: "live-run", onclick: run }, "Run (Ctrl+Enter)")), out);
+    box, el("p", {}, el("button", { id: "live-run", onclick: run }, "Run (Ctrl+Enter)")), out,
+    META.steer ? [el("h2", {}, "Which features drive the next token?"),
+      el("p", { class: "filters" }, el("label", {}, "target token ", target),
+        el("button", { id: "attr-run", onclick: attribute }, "Attribute")), attrOut] : null);
   box.focus();
 }
 
