@@ -52,14 +52,69 @@ def _train(args: argparse.Namespace) -> int:
     cfg = from_args(TrainConfig, args)
     source, names = _train_source(args, cfg.drop_nonfinite)
     cfg = from_args(TrainConfig, args, **{k: v for k, v in names.items() if getattr(cfg, k) is None})
-    print(f"training {cfg.architecture} SAE on {source.describe()} -> {args.out}", file=sys.stderr)
+    rank = 0
+    if args.distributed:
+        from saelab.train.distributed import DistributedTrainer, init_from_env
+
+        rank, world, device = init_from_env()
+        cfg = cfg.model_copy(update={"device": str(device)})
+        trainer: Trainer = DistributedTrainer(source, cfg, args.out, latent_shards=args.latent_shards)
+        where = f" on {world} processes ({world // args.latent_shards} data-parallel x " \
+                f"{args.latent_shards} latent shards)"
+    else:
+        if args.latent_shards != 1:
+            from saelab.errors import InputError
+
+            raise InputError("--latent-shards needs --distributed (under torchrun)")
+        trainer, where = Trainer(source, cfg, args.out), ""
+    if rank == 0:
+        print(f"training {cfg.architecture} SAE on {source.describe()}{where} -> {args.out}", file=sys.stderr)
     t0 = time.perf_counter()
-    sae = Trainer(source, cfg, args.out).run()
+    sae = trainer.run()
+    if args.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
     rows = min(source.n_rows, 100_000)
     m = evaluate_reconstruction(sae, source.rows(8192, limit=rows))
     print(f"done in {time.perf_counter() - t0:.1f} s; on the first {rows:,} rows (training data): "
           f"FVU {m.fvu:.4f}, L0 {m.l0:.1f}, dead {100 * m.dead_fraction:.1f}%", file=sys.stderr)
     print(f"saved {args.out}/cfg.json and sae_weights.safetensors")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from saelab.activations.source import open_source
+    from saelab.config import TrainConfig, from_args
+    from saelab.train.sweep import describe, parse_grid, run_sweep
+
+    grid = {
+        "n_latents": parse_grid(args.grid_n_latents, int),
+        "expansion_factor": parse_grid(args.grid_expansion_factor, float),
+        "k": parse_grid(args.grid_k, int),
+        "l1_coefficient": parse_grid(args.grid_l1_coefficient, float),
+        "l0_coefficient": parse_grid(args.grid_l0_coefficient, float),
+    }
+    source = open_source(args.acts, drop_nonfinite=bool(args.drop_nonfinite))
+    names = {k: v for k, v in {"model_name": getattr(source, "model_name", None),
+                               "hook_name": getattr(source, "hook_name", None)}.items() if v}
+    base = from_args(TrainConfig, args, **{k: v for k, v in names.items() if getattr(args, k, None) is None})
+    held = open_source(args.eval_acts) if args.eval_acts else None
+    if held is not None and held.d_in != source.d_in:
+        from saelab.errors import InputError
+
+        raise InputError(f"{args.eval_acts} has width {held.d_in}, {args.acts} has {source.d_in}")
+    t0 = time.perf_counter()
+    r = run_sweep(source, base, {k: v for k, v in grid.items() if v}, args.out, eval_source=held,
+                  eval_rows=args.eval_rows)
+    print(describe(r.rows))
+    print(f"\n{len(r.rows)} SAEs in {time.perf_counter() - t0:.0f} s; {r.csv}, {r.frontier}")
+    if r.scaling:
+        s = r.scaling
+        print(f"L(N, K) fit: log FVU = {s['alpha']:.3f} + {s['beta_k']:.3f} log K + {s['beta_n']:.3f} log N "
+              f"+ {s['gamma']:.4f} log K log N  (R² {s['r2']:.3f}); {args.out}/scaling.json, scaling.png")
     return 0
 
 
@@ -338,8 +393,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hook", default=None, help="hook point, e.g. blocks.6.hook_resid_post")
     s.add_argument("--corpus", default=None, help="corpus [default: python-docs+python-stdlib]")
     s.add_argument("--context-length", type=int, default=None, help="tokens per window [default: 256]")
+    d = p.add_argument_group("several processes (launch with torchrun)")
+    d.add_argument("--distributed", action="store_true",
+                   help="train on the torchrun process group: torchrun --nproc-per-node N -m saelab train "
+                   "--distributed ... (gloo on CPU, NCCL on CUDA)")
+    d.add_argument("--latent-shards", type=int, default=1, metavar="S",
+                   help="split the latents over S processes (TopK); the other factor of the process count "
+                   "is data parallel [default: 1]")
     add_arguments(p, TrainConfig, exclude={"architecture"}, group_title="training options")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sweep", help="train a grid of SAEs on one pass over the data",
+                       description="Train every combination of the --grid-* values (dictionary size x k, "
+                       "or x sparsity coefficient) on one pass over the activations, every SAE seeing "
+                       "each batch in turn, so the sweep reads the data once. Each SAE gets OUT/<name>/ "
+                       "with its checkpoint (a killed sweep resumes); then sweep.csv, the FVU-L0 "
+                       "frontier (frontier.png) and, for TopK over two or more sizes and k, the fit of "
+                       "the scaling law L(N, K) (scaling.json, scaling.png).")
+    p.add_argument("--acts", required=True, type=Path, help="activations: store folder, .npy or .safetensors")
+    p.add_argument("--out", required=True, type=Path, help="sweep folder")
+    p.add_argument("--eval-acts", type=Path, default=None,
+                   help="held-out activations to measure on [default: the first rows of --acts]")
+    p.add_argument("--eval-rows", type=int, default=100_000, help="rows to measure on [default: 100000]")
+    for key, what in (("n-latents", "dictionary sizes, e.g. 1024,2048,4096"),
+                      ("expansion-factor", "dictionary sizes as multiples of d_in, e.g. 2,4,8"),
+                      ("k", "k values (topk, batchtopk), e.g. 16,32,64"),
+                      ("l1-coefficient", "L1 coefficients (relu, gated), e.g. 1,3,6"),
+                      ("l0-coefficient", "L0 coefficients (jumprelu)")):
+        p.add_argument(f"--grid-{key}", default=None, metavar="A,B,…", help=what)
+    add_arguments(p, TrainConfig, group_title="training options (every SAE; a --grid-* value wins)")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("eval", help="measure an SAE on activations or spliced into its model",
                        description="With --acts: FVU, explained variance, L0, dead and dense latents on "

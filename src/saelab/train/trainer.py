@@ -89,6 +89,7 @@ class Trainer:
         self.elapsed = 0.0
         self.finished = False
         self.last_checkpoint_step: int | None = None
+        self.data_parallel = 1  # processes sharing each batch (DistributedTrainer)
 
     # ------------------------------------------------------------------ schedules
     def lr_at(self, step: int) -> float:
@@ -236,71 +237,97 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> SAE:
-        resumed = self._try_resume()
-        if self.finished:
+        if self.begin():
             return self._finish(already=True)
-        if not resumed:
-            self._init_from_data()
-            if self.out_dir is not None:
-                (self.out_dir / METRICS).unlink(missing_ok=True)
-        else:
-            self._truncate_log(self.step)
-        cfg, sae = self.cfg, self.sae
+        cfg = self.cfg
         bar = tqdm(
             total=self.steps * cfg.batch_size, initial=self.step * cfg.batch_size,
             unit="tok", unit_scale=True, dynamic_ncols=True, disable=not cfg.progress,
             desc=f"train {self.sae_cfg.architecture}",
         )
         batches = self.source.batches(cfg.batch_size, cfg.seed, start_step=self.step)
-        ctx = TrainContext(aux_k_coefficient=cfg.aux_k_coefficient,
-                           jumprelu_bandwidth=cfg.jumprelu_bandwidth)
-        t0, tokens_at_t0 = time.perf_counter(), self.step * cfg.batch_size
-        elapsed_before = self.elapsed
         try:
             while self.step < self.steps:
-                x = next(batches).to(self.device, sae.W_dec.dtype, non_blocking=True)
-                x = x * self.scale
-                lr = self.lr_at(self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                ctx.sparsity_coefficient = self.sparsity_coefficient_at(self.step)
-                dead = self.dead_mask()
-                ctx.dead_mask = dead
-                ctx.k_aux = self.k_aux if cfg.aux_k_coefficient > 0 else 0
-
-                out = sae.training_forward(x, ctx)
-                if not torch.isfinite(out.loss):
-                    self._diverged(float(out.loss.detach()))
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if sae.unit_norm_decoder:
-                    sae.remove_parallel_gradient()
-                self.optimizer.step()
-                if sae.unit_norm_decoder:
-                    sae.normalize_decoder()
-
-                self.tokens_since_fired += x.shape[0]
-                self.tokens_since_fired[out.fired] = 0
-                self.step += 1
-                if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0 \
-                        and self.step < self.steps:
-                    self._resample_dead()
-
+                record = self.train_step(next(batches))
                 bar.update(cfg.batch_size)
-                if self.step % cfg.log_every_steps == 0 or self.step == self.steps:
-                    rate = (self.step * cfg.batch_size - tokens_at_t0) / max(
-                        time.perf_counter() - t0, 1e-9)
-                    self.elapsed = elapsed_before + time.perf_counter() - t0
-                    record = self._log(out, x, lr, ctx.sparsity_coefficient, dead, rate)
+                if record is not None:
                     bar.set_postfix(fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}",
                                     dead=f"{100 * record['dead_fraction']:.1f}%")
-                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
-                        and self.step < self.steps:
-                    self.elapsed = elapsed_before + time.perf_counter() - t0
-                    self.save_checkpoint()
         finally:
             bar.close()
-        self.elapsed = elapsed_before + time.perf_counter() - t0
+        return self.end()
+
+    def begin(self) -> bool:
+        """Resume from the checkpoint or initialise from the data; True if already finished."""
+        resumed = self._try_resume()
+        if self.finished:
+            return True
+        if not resumed:
+            self._init_from_data()
+            if self.out_dir is not None:
+                (self.out_dir / METRICS).unlink(missing_ok=True)
+        else:
+            self._truncate_log(self.step)
+        self._ctx = TrainContext(aux_k_coefficient=self.cfg.aux_k_coefficient,
+                                 jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)
+        self._t0, self._tokens_at_t0 = time.perf_counter(), self.step * self.cfg.batch_size
+        self._elapsed_before = self.elapsed
+        return False
+
+    def train_step(self, batch: Tensor) -> dict[str, Any] | None:
+        """One optimiser step on ``batch`` (raw activations); the metrics record when this
+        step logs, else None. Checkpoints on schedule."""
+        cfg, sae, ctx = self.cfg, self.sae, self._ctx
+        x = batch.to(self.device, sae.W_dec.dtype, non_blocking=True)
+        x = x * self.scale
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ctx.sparsity_coefficient = self.sparsity_coefficient_at(self.step)
+        dead = self.dead_mask()
+        ctx.dead_mask = dead
+        ctx.k_aux = self.k_aux if cfg.aux_k_coefficient > 0 else 0
+
+        out = self._forward(x, ctx)
+        if not torch.isfinite(out.loss):
+            self._diverged(float(out.loss.detach()))
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self._sync_gradients()
+        if sae.unit_norm_decoder:
+            sae.remove_parallel_gradient()
+        self.optimizer.step()
+        if sae.unit_norm_decoder:
+            sae.normalize_decoder()
+
+        self.tokens_since_fired += x.shape[0] * self.data_parallel
+        self.tokens_since_fired[out.fired] = 0
+        self.step += 1
+        if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0 \
+                and self.step < self.steps:
+            self._resample_dead()
+
+        record = None
+        now = time.perf_counter()
+        if self.step % cfg.log_every_steps == 0 or self.step == self.steps:
+            rate = (self.step * cfg.batch_size - self._tokens_at_t0) / max(now - self._t0, 1e-9)
+            self.elapsed = self._elapsed_before + now - self._t0
+            record = self._log(out, x, lr, ctx.sparsity_coefficient, dead, rate)
+        if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
+                and self.step < self.steps:
+            self.elapsed = self._elapsed_before + now - self._t0
+            self.save_checkpoint()
+        return record
+
+    def _forward(self, x: Tensor, ctx: TrainContext) -> Any:
+        return self.sae.training_forward(x, ctx)
+
+    def _sync_gradients(self) -> None:
+        """Hook for gradient communication (DistributedTrainer); nothing on one process."""
+
+    def end(self) -> SAE:
+        """Mark the run finished, write the final checkpoint, save and return the SAE."""
+        self.elapsed = self._elapsed_before + time.perf_counter() - self._t0
         self.finished = True
         self.save_checkpoint()
         return self._finish()
