@@ -86,6 +86,22 @@ def test_sparse_kernels_match_dense_autograd() -> None:
         assert torch.allclose(got, want, atol=1e-10)
 
 
+def test_sparse_kernels_in_bfloat16_follow_float64() -> None:
+    """bfloat16 takes another sparse path on the CPU (no CSR kernel); its gradients must be
+    the dense float64 ones for the same selected latents, to bfloat16 precision."""
+    torch.manual_seed(2)
+    B, n, d, k = 64, 256, 32, 8
+    x, W, b, Wd = (torch.randn(*s).bfloat16().requires_grad_(True) for s in ((B, d), (n, d), (n,), (n, d)))
+    g = torch.randn(B, d).bfloat16()
+    codes = topk_encode(x, W, b, k)
+    (sparse_decode(codes.values, codes.indices, Wd) * g).sum().backward()
+    x64, W64, b64, Wd64 = (t.detach().double().requires_grad_(True) for t in (x, W, b, Wd))
+    keep = torch.zeros(B, n, dtype=torch.float64).scatter(1, codes.indices, 1.0)
+    ((((x64 @ W64.T + b64).relu() * keep) @ Wd64) * g.double()).sum().backward()
+    for low, want in zip((x, W, b, Wd), (x64, W64, b64, Wd64), strict=True):
+        assert (low.grad.double() - want.grad).norm() <= 0.02 * want.grad.norm()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradients_reach_every_learned_parameter(arch: str) -> None:
     sae = make(arch)
