@@ -10,3 +10,4 @@ STORE=$(ls -d runs/demo/store-smollm2-135m-blocks.6.hook_resid_post-* | head -1)
 .venv/bin/saelab sweep --acts "$STORE" --eval-acts runs/sweep-heldout --out runs/sweep \
     --grid-n-latents 1152,2304,4608 --grid-k 8,16,32,64 --tokens 800000 --lr 1e-3
 cp runs/sweep/sweep.csv runs/sweep/scaling.json runs/sweep/frontier.png runs/sweep/scaling.png benchmarks/sweep/
+# benchmarks/sweep/results.md describes these figures; update it by hand after a re-run.
