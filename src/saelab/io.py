@@ -55,3 +55,24 @@ def atomic_save_safetensors(
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def atomic_save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(fig)
+    return out
+
+
+def atomic_write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Rows of dicts (the first row's keys are the header) as a CSV file, atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

@@ -9,8 +9,6 @@ findings are computed from the numbers, not written in advance.
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ from saelab.activations.source import MatrixSource
 from saelab.config import TrainConfig, _Config, build
 from saelab.data.toy import ToyData, ToyDataConfig, make_toy_data
 from saelab.eval.metrics import evaluate_reconstruction, mmcs
-from saelab.io import atomic_write, atomic_write_text
+from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_text
 from saelab.train.trainer import Trainer
 
 GOOD_MMCS = 0.99
@@ -104,11 +102,7 @@ def _run_cell(cfg: ToySweepConfig, data: ToyData, train: MatrixSource, held_out:
 # ---------------------------------------------------------------------- outputs
 def write_outputs(results: list[dict[str, Any]], cfg: ToySweepConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(results[0]))
-    writer.writeheader()
-    writer.writerows(results)
-    atomic_write_text(out / "sweep.csv", buf.getvalue())
+    atomic_write_csv(results, out / "sweep.csv")
     for arch, param in (("relu", "l1_coefficient"), ("topk", "k")):
         rows = [r for r in results if r["architecture"] == arch]
         if rows:
@@ -151,8 +145,7 @@ def _heatmap(rows: list[dict[str, Any]], param: str, path: Path, cfg: ToySweepCo
     ax.set_title(f"{'ReLU-L1' if arch == 'relu' else 'TopK'}: MMCS to ground truth")
     fig.colorbar(im, ax=ax, label="MMCS")
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def summarize(results: list[dict[str, Any]], cfg: ToySweepConfig) -> dict[str, Any]:

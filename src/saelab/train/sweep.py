@@ -18,7 +18,6 @@ where L is the normalised MSE (FVU), N the number of latents and K the sparsity.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from saelab.activations.source import ActivationSource
 from saelab.config import TrainConfig, build
 from saelab.errors import InputError
 from saelab.eval.metrics import evaluate_reconstruction
-from saelab.io import atomic_write_json, atomic_write_text
+from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_json
 from saelab.train.trainer import Trainer
 
 GRID_KEYS = ("n_latents", "expansion_factor", "k", "l1_coefficient", "l0_coefficient")
@@ -62,12 +61,17 @@ def cells(base: TrainConfig, grid: dict[str, Sequence[Any]]) -> list[TrainConfig
     return out
 
 
+def _coefficient(cfg: TrainConfig) -> float | None:
+    """The sparsity coefficient a cell varies (None for the k-sparse architectures)."""
+    if cfg.architecture in ("topk", "batchtopk"):
+        return None
+    return cfg.l0_coefficient if cfg.architecture == "jumprelu" else cfg.l1_coefficient
+
+
 def cell_name(cfg: TrainConfig, d_in: int) -> str:
     n = cfg.resolve_n_latents(d_in)
-    if cfg.architecture in ("topk", "batchtopk"):
-        return f"{cfg.architecture}-n{n}-k{cfg.k}"
-    coef = cfg.l0_coefficient if cfg.architecture == "jumprelu" else cfg.l1_coefficient
-    return f"{cfg.architecture}-n{n}-c{coef:g}"
+    coef = _coefficient(cfg)
+    return f"{cfg.architecture}-n{n}-k{cfg.k}" if coef is None else f"{cfg.architecture}-n{n}-c{coef:g}"
 
 
 def run_sweep(
@@ -104,7 +108,7 @@ def run_sweep(
                 bar.update(base.batch_size)
         finally:
             bar.close()
-    saes = [t.end() if t in active else t._finish(already=True) for t in trainers]
+    saes = [t.end() for t in trainers]
 
     evaluated = eval_source or source
     rows = []
@@ -112,14 +116,13 @@ def run_sweep(
         m = evaluate_reconstruction(sae, evaluated.rows(8192, limit=eval_rows))
         rows.append({
             "name": name, "architecture": cfg.architecture, "n_latents": sae.n_latents,
-            "k": cfg.k if cfg.architecture in ("topk", "batchtopk") else None,
-            "coefficient": (cfg.l0_coefficient if cfg.architecture == "jumprelu" else cfg.l1_coefficient)
-            if cfg.architecture not in ("topk", "batchtopk") else None,
+            "k": cfg.k if _coefficient(cfg) is None else None,
+            "coefficient": _coefficient(cfg),
             "tokens": steps * cfg.batch_size, **m.as_dict(),
             "eval": "held-out" if eval_source is not None else "training rows",
         })
     csv_path = out / "sweep.csv"
-    _write_csv(rows, csv_path)
+    atomic_write_csv(rows, csv_path)
     frontier = out / "frontier.png"
     plot_frontier(rows, frontier)
     scaling = None
@@ -130,16 +133,6 @@ def run_sweep(
         atomic_write_json(out / "scaling.json", scaling)
         plot_scaling(topk, scaling, out / "scaling.png")
     return SweepResult(rows, csv_path, frontier, scaling)
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def fit_scaling_law(n: Sequence[float], k: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
@@ -190,7 +183,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    atomic_save_figure(fig, path)
 
 
 def plot_scaling(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> None:
@@ -217,16 +210,7 @@ def plot_scaling(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) ->
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from saelab.io import atomic_write
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    atomic_save_figure(fig, path)
 
 
 def parse_grid(text: str | None, cast: type) -> list[Any]:

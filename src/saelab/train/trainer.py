@@ -238,7 +238,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> SAE:
         if self.begin():
-            return self._finish(already=True)
+            return self.end()
         cfg = self.cfg
         bar = tqdm(
             total=self.steps * cfg.batch_size, initial=self.step * cfg.batch_size,
@@ -326,7 +326,10 @@ class Trainer:
         """Hook for gradient communication (DistributedTrainer); nothing on one process."""
 
     def end(self) -> SAE:
-        """Mark the run finished, write the final checkpoint, save and return the SAE."""
+        """Mark the run finished, write the final checkpoint, save and return the SAE (for a
+        run ``begin`` found finished: just return it)."""
+        if self.finished:
+            return self._finish(already=True)
         self.elapsed = self._elapsed_before + time.perf_counter() - self._t0
         self.finished = True
         self.save_checkpoint()
