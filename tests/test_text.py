@@ -86,3 +86,19 @@ def test_bad_corpora_are_named(tmp_path):
     (tmp_path / "spaces.txt").write_text("   \n\n")
     with pytest.raises(InputError, match="holds no text documents"):
         list(Corpus(str(tmp_path / "spaces.txt")).documents())
+
+
+def test_npm_corpora_state_of_the_union_and_moby_dick():
+    sotu = list(Corpus("sotu").documents("all"))
+    assert len(sotu) == 233 and sotu[0].id == "sotu/data/1790_george_washington_n.txt"
+    assert sotu[-1].id.startswith("sotu/data/2021_") and sum(len(d.text) for d in sotu) > 10_000_000
+    moby = list(Corpus("moby-dick").documents("all"))
+    assert len(moby) == 135 and moby[0].id == "moby-dick/data/chapter_1.txt"
+    assert "Call me Ishmael" in moby[0].text and moby[9].id == "moby-dick/data/chapter_10.txt"
+
+
+def test_npm_corpus_without_npm_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(InputError, match="apt-get install npm"):
+        Corpus("moby-dick")

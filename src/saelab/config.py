@@ -260,6 +260,52 @@ class DemoConfig(_Config):
         return {"tokens": 250_000, "expansion_factor": 4.0, "eval_tokens": 1024, "atlas_tokens": 40_000}
 
 
+class LMConfig(_Config):
+    """A one-layer (or few-layer) GPT-2-style language model trained from scratch, with its
+    own BPE tokenizer (Towards Monosemanticity's subject, at CPU scale)."""
+
+    corpus: str = Field(
+        default="sotu+moby-dick+python-docs+python-stdlib",
+        description="Training text (as for harvest); documents are split train/held-out by id.",
+    )
+    heldout_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of documents held out.")
+    vocab_size: int = Field(default=4096, ge=256, le=65535, description="BPE vocabulary size.")
+    n_layers: int = Field(default=1, ge=1, le=12, description="Transformer blocks.")
+    d_model: int = Field(default=128, ge=8, description="Residual stream width.")
+    n_heads: int = Field(default=4, ge=1, description="Attention heads.")
+    d_mlp: int = Field(default=512, ge=8, description="MLP neurons per block.")
+    activation: Literal["gelu_new", "relu"] = Field(default="gelu_new", description="MLP nonlinearity.")
+    context_length: int = Field(default=256, ge=8, le=4096, description="Tokens per training window.")
+    batch_size: int = Field(default=64, gt=0, description="Windows per optimiser step.")
+    tokens: int = Field(default=30_000_000, gt=0, description="Training budget in tokens.")
+    lr: float = Field(default=2e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(default=100, ge=0, description="Linear warm-up steps.")
+    min_lr_fraction: float = Field(
+        default=0.1, ge=0, le=1, description="Cosine decay ends at this fraction of the peak LR."
+    )
+    weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay (matrices only).")
+    precision: Literal["float32", "bfloat16"] = Field(
+        default="bfloat16", description="Matmul precision of the training forward (bfloat16 autocast keeps "
+        "float32 weights and optimiser state; use float32 on CPUs without bfloat16 support).",
+    )
+    eval_tokens: int = Field(default=262_144, gt=0, description="Held-out tokens for the held-out loss.")
+    eval_every_steps: int = Field(default=250, gt=0, description="Held-out loss interval in steps.")
+    checkpoint_every_steps: int = Field(default=100, ge=0, description="Resumable checkpoint interval.")
+    seed: int = Field(default=0, description="Seed of the init and the window order.")
+    device: str = Field(default="auto", description="Device: auto, cpu, cuda[:N].")
+    progress: bool = Field(default=True, description="Show progress bars.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> LMConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        return self
+
+    def steps(self) -> int:
+        """Optimiser steps: enough to read at least ``tokens`` tokens."""
+        return max(1, -(-self.tokens // (self.batch_size * self.context_length)))
+
+
 def validation_message(err: ValidationError) -> str:
     """One readable line from a pydantic error: 'field: problem; field: problem'."""
     parts = []

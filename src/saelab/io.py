@@ -17,6 +17,12 @@ import torch
 from safetensors.torch import save_file
 
 
+def cache_dir() -> Path:
+    """Where saelab caches converted models and fetched corpora ($SAELAB_CACHE, default
+    ~/.cache/saelab)."""
+    return Path(os.environ.get("SAELAB_CACHE", Path.home() / ".cache" / "saelab"))
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path`` atomically."""
     path = Path(path)

