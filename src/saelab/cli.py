@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -91,6 +92,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from saelab.train.sweep import describe, parse_grid, run_sweep
 
     grid = {
+        "architecture": parse_grid(args.grid_architecture, str),
         "n_latents": parse_grid(args.grid_n_latents, int),
         "expansion_factor": parse_grid(args.grid_expansion_factor, float),
         "k": parse_grid(args.grid_k, int),
@@ -245,10 +247,17 @@ def _export_html(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from saelab.view.server import create_app
+    from saelab.errors import InputError
+    from saelab.view.server import serve_atlases
 
-    app = create_app(args.atlas, live=args.live, sae_dir=args.sae, device=args.device,
-                     max_chars=args.max_chars, max_tokens=args.max_tokens)
+    companions = {}
+    for spec in args.companions or []:
+        name, sep, path = spec.partition("=")
+        if not (sep and path and re.fullmatch(r"[A-Za-z0-9._-]+", name)):
+            raise InputError(f"--with {spec!r}: write NAME=ATLAS, NAME in letters, digits, '-', '_', '.'")
+        companions[name] = Path(path)
+    app = serve_atlases(args.atlas, companions, name=args.name, live=args.live, sae_dir=args.sae,
+                        device=args.device, max_chars=args.max_chars, max_tokens=args.max_tokens)
     _run_server(app, args.host, args.port, args.log_level)
     return 0
 
@@ -363,6 +372,94 @@ def _toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_train(args: argparse.Namespace) -> int:
+    from saelab.config import LMConfig, from_args
+    from saelab.lm.train import train_lm
+
+    cfg = from_args(LMConfig, args)
+    r = train_lm(cfg, args.out)
+    i = r.info
+    print(f"held-out loss {r.heldout_loss:.4f} nats/token on {i['heldout_tokens_measured']:,} held-out "
+          "tokens; "
+          f"{i['train_tokens_seen']:,} training tokens at {i['tokens_per_second']:,} tok/s; "
+          f"{i['parameters']:,} parameters")
+    print(f"saved {r.folder} (load it with --model {r.folder})")
+    return 0
+
+
+def _study_monosemanticity(args: argparse.Namespace) -> int:
+    from saelab.config import build
+    from saelab.studies.monosemanticity import MonosemanticityConfig, run_study
+    from saelab.train.sweep import parse_grid
+
+    lists = {k: v for k, v in {
+        "sizes": parse_grid(args.sizes, float), "family_sizes": parse_grid(args.family_sizes, float),
+        "architectures": parse_grid(args.architectures, str)}.items() if v}
+    given = {k: v for k, v in vars(args).items() if k in MonosemanticityConfig.model_fields and v is not None}
+    preset = MonosemanticityConfig.quick() if args.quick else {}
+    cfg = build(MonosemanticityConfig, **{**preset, **given, **lists})  # flags beat the --quick preset
+    r = run_study(cfg, args.out)
+    out = Path(args.out)
+    print((out / "results.md").read_text())
+    s = r["neurons_vs_features"]
+    name = f"{cfg.compare_architecture}-{cfg.compare_size:g}x"
+    for key in ("label_confidence", "token_concentration", "detection_f1"):
+        n, f = s["neurons"][key], s["features"][key]
+        if n and f:
+            print(f"{key:<20} median: neurons {n['median']:.3f}, {name} features {f['median']:.3f}")
+    print(f"\nwrote {out}/results.csv, results.md, sizes.png, interpretability.csv, neurons_vs_features.png, "
+          f"splits.md, splits.json, study.json in {r['seconds']['total']:.0f} s")
+    companions = " ".join(f"--with {n}={p}" for n, p in r["atlases"].items() if n != name)
+    print(f"browse: saelab serve {r['atlases'][name]} {companions}")
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from saelab.activations.source import open_source
+    from saelab.analyse.atlasdb import Atlas
+    from saelab.analyse.split import families
+    from saelab.sae.base import SAE
+
+    small, large = SAE.load(args.small), SAE.load(args.large)
+    rows = None
+    if args.acts is not None:
+        rows = next(open_source(args.acts).rows(args.rows, limit=args.rows))
+    labels_small = Atlas(args.atlas_small).labels(list(range(small.n_latents))) if args.atlas_small else {}
+    labels_large = Atlas(args.atlas_large).labels(list(range(large.n_latents))) if args.atlas_large else {}
+    fams = families(small, large, args.feature or None, args.min_cosine, rows, args.top)
+    if not args.feature:
+        fams = fams[: args.families]
+    result = []
+    for fam in fams:
+        fam.label = labels_small.get(fam.parent)
+        for d in fam.descendants:
+            d.label = labels_large.get(d.feature)
+        result.append(fam)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(f) for f in result], indent=2))
+        return 0
+    print(f"{args.small} ({small.n_latents:,} features) -> {args.large} ({large.n_latents:,}); descendants: "
+          f"decoder cosine >= {args.min_cosine}" + (f", r = activation correlation on {len(rows):,} rows"
+                                                      if rows is not None else ""))
+    for fam in result:
+        corr = f", r {fam.family_correlation:.2f}" if fam.family_correlation is not None else ""
+        print(f"\n#{fam.parent} {fam.label or ''}  (family cosine {fam.family_cosine:.2f}{corr})")
+        if not fam.descendants:
+            print("   no descendant above the cosine floor")
+        for d in fam.descendants:
+            r = f"  r {d.correlation:.2f}" if d.correlation is not None else ""
+            print(f"   -> #{d.feature:<6} cos {d.cosine:.2f}{r}  {d.label or ''}")
+    return 0
+
+
+def nested(sub: Any, name: str, help: str, description: str) -> Any:
+    """A command with subcommands of its own (saelab lm train, saelab study ...)."""
+    p = sub.add_parser(name, help=help, description=description)
+    return p.add_subparsers(dest=f"{name}_command", required=True, metavar=f"{name.upper()}_COMMAND")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saelab import __version__
     from saelab.config import (
@@ -370,9 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         AtlasConfig,
         DemoConfig,
         HarvestConfig,
+        LMConfig,
         TrainConfig,
         add_arguments,
     )
+    from saelab.studies.monosemanticity import MonosemanticityConfig
 
     parser = argparse.ArgumentParser(
         prog="saelab", description="Sparse autoencoders on neural-network activations.")
@@ -415,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-acts", type=Path, default=None,
                    help="held-out activations to measure on [default: the first rows of --acts]")
     p.add_argument("--eval-rows", type=int, default=100_000, help="rows to measure on [default: 100000]")
-    for key, what in (("n-latents", "dictionary sizes, e.g. 1024,2048,4096"),
+    for key, what in (("architecture", "architectures, e.g. relu,topk"),
+                      ("n-latents", "dictionary sizes, e.g. 1024,2048,4096"),
                       ("expansion-factor", "dictionary sizes as multiples of d_in, e.g. 2,4,8"),
                       ("k", "k values (topk, batchtopk), e.g. 16,32,64"),
                       ("l1-coefficient", "L1 coefficients (relu, gated), e.g. 1,3,6"),
@@ -495,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live text limit in characters [default: 2000]")
     p.add_argument("--max-tokens", type=int, default=256, help="live text limit in tokens [default: 256]")
     p.add_argument("--log-level", default="warning", help="uvicorn log level [default: warning]")
+    p.add_argument("--with", dest="companions", action="append", metavar="NAME=ATLAS",
+                   help="serve another atlas beside this one at /d/NAME/ (e.g. "
+                   "neurons=study/atlas/neurons.atlas); repeat for several")
+    p.add_argument("--name", default=None, help="this atlas's name in the links [default: its file name]")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the whole pipeline on a real model, then the viewer",
@@ -535,6 +639,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hook", default=None, help="hook point [default: from the SAE's cfg.json]")
     p.add_argument("--device", default="auto", help="device [default: auto]")
     p.set_defaults(func=_steer)
+
+    p = sub.add_parser("split", help="list a feature's descendants in a larger dictionary",
+                       description="Match the features of two dictionaries trained on the same hook by "
+                       "decoder cosine: every feature of LARGE has as parent its closest feature of SMALL, "
+                       "and a feature's descendants are the features whose parent it is (above "
+                       "--min-cosine). With --acts, each descendant's activation correlation with its "
+                       "parent is shown too; with atlases, their labels. Without --feature: the largest "
+                       "families.")
+    p.add_argument("small", type=Path, help="the smaller dictionary (SAE folder)")
+    p.add_argument("large", type=Path, help="the larger dictionary (SAE folder)")
+    p.add_argument("--feature", type=int, action="append", metavar="ID",
+                   help="feature of SMALL to trace (repeat for several) [default: the largest families]")
+    p.add_argument("--acts", type=Path, default=None, help="activations (store or matrix) for correlations")
+    p.add_argument("--rows", type=int, default=20_000, help="rows of --acts to use [default: 20000]")
+    p.add_argument("--atlas-small", type=Path, default=None, help="atlas of SMALL, for labels")
+    p.add_argument("--atlas-large", type=Path, default=None, help="atlas of LARGE, for labels")
+    p.add_argument("--min-cosine", type=float, default=0.4,
+                   help="decoder cosine a descendant needs [default: 0.4]")
+    p.add_argument("--top", type=int, default=8, help="descendants listed per feature [default: 8]")
+    p.add_argument("--families", type=int, default=10, help="families listed without --feature [default: 10]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_split)
+
+    studies = nested(sub, "study", "reproduce a paper's study end to end",
+                     "End-to-end studies built from saelab's pipeline.")
+    p = studies.add_parser("monosemanticity", help="Towards Monosemanticity on the one-layer model",
+                          description="Harvest the MLP neurons of a one-layer model, train ReLU-L1 and TopK "
+                          "dictionaries at every size in one pass, measure them (FVU, L0, dead, dense, CE "
+                          "loss recovered), compare the neurons with the features of one dictionary on "
+                          "automatic interpretability measures, and trace features splitting across sizes; "
+                          "writes tables, plots and atlases to OUT. Re-running reuses every finished stage.")
+    p.add_argument("--out", required=True, type=Path, help="study folder")
+    p.add_argument("--quick", action="store_true", help="a small version (a few minutes)")
+    p.add_argument("--sizes", default=None, metavar="A,B,…",
+                   help="dictionary sizes as multiples of the hook width [default: 1,2,4,8,16,32,64]")
+    p.add_argument("--family-sizes", default=None, metavar="A,B,…",
+                   help="sizes traced for splitting, each with an atlas [default: 1,4,16]")
+    p.add_argument("--architectures", default=None, metavar="A,B",
+                   help="architectures swept [default: relu,topk]")
+    add_arguments(p, MonosemanticityConfig, exclude={"sizes", "family_sizes", "architectures"},
+                  group_title="study options")
+    p.set_defaults(func=_study_monosemanticity)
+
+    lms = nested(sub, "lm", "train a small language model here (saelab lm train)",
+                 "Language models trained from scratch on a local corpus.")
+    p = lms.add_parser("train", help="train a BPE tokenizer and a one-layer GPT-2-style model",
+                          description="Train a byte-level BPE tokenizer on the corpus's training documents, "
+                          "then a GPT-2-style transformer (GPT2LMHeadModel, so every saelab command works on "
+                          "it) with AdamW and a cosine schedule on random windows of the training text. "
+                          "Writes OUT/model/ (float16 weights, tokenizer, lm.json with the held-out loss). "
+                          "Re-running the same command resumes from OUT/checkpoint.pt; the same seed on the "
+                          "same machine gives the same model.")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    add_arguments(p, LMConfig, group_title="model and training options")
+    p.set_defaults(func=_lm_train)
 
     p = sub.add_parser("toy", help="the 2022 superposition benchmark sweep",
                        description="Train ReLU-L1 (L1 coefficient x dictionary ratio) and TopK "

@@ -118,6 +118,12 @@ class TrainConfig(_Config):
     normalize_inputs: bool = Field(
         default=True, description="Scale inputs so E||x||^2 = d_in (folded back on save)."
     )
+    init_scale: Literal["unit", "balanced"] = Field(
+        default="unit",
+        description="Initial decoder rows of the L1 family (relu, gated): unit norm, or balanced: norm "
+        "min(1, sqrt(2 d_in / n_latents)) (W_enc = W_decᵀ alike), so a large dictionary's initial "
+        "reconstruction is about x's size instead of n_latents / (2 d_in) times it.",
+    )
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
         default="geometric_median", description="How to initialise the decoder bias."
     )
@@ -157,6 +163,14 @@ class TrainConfig(_Config):
 
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
+
+    @model_validator(mode="after")
+    def _init_scale_applies(self) -> TrainConfig:
+        # Only the L1 family has free decoder norms; elsewhere the setting means nothing, so it
+        # is kept at its default (a sweep over architectures gives it to every cell).
+        if self.architecture not in ("relu", "gated") and self.init_scale != "unit":
+            object.__setattr__(self, "init_scale", "unit")
+        return self
 
     @model_validator(mode="after")
     def _check_resample(self) -> TrainConfig:

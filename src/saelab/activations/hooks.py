@@ -147,6 +147,24 @@ def hook_width(model: nn.Module, name: str) -> int:
     return int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
 
 
+def residual_directions(model: nn.Module, name: str, dirs: Tensor) -> Tensor:
+    """Directions at a hook point [n, width] as the directions they write into the residual
+    stream [n, d_model]: through the MLP's down projection for ``mlp.hook_post`` (a neuron's
+    output weights), unchanged for the hook points that already live in the residual."""
+    _, kind = parse_hook(model, name)
+    if kind != "mlp.hook_post":
+        return dirs
+    module, _ = _module_for(model, name)
+    w = module.weight.detach().float().to(dirs.device)
+    # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]; BERT's intermediate is an
+    # up projection whose output the next module reads, so only the first two apply.
+    if isinstance(module, nn.Linear):
+        return dirs @ w.T
+    if type(module).__name__ == "Conv1D":
+        return dirs @ w
+    raise InputError(f"{name}: cannot map directions at this hook into the residual stream")
+
+
 class _Stop(Exception):
     """Raised inside a hook once nothing later in the forward pass is needed."""
 

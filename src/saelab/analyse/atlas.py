@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from saelab import __version__
 from saelab.activations.harvest import open_model, text_batches
-from saelab.activations.hooks import run_hooked, unembedding
+from saelab.activations.hooks import residual_directions, run_hooked, unembedding
 from saelab.analyse.atlasdb import ATLAS_FORMAT_VERSION, AtlasWriter, pack_page
 from saelab.analyse.explain import Explainer, auto_label
 from saelab.config import AtlasConfig, TextConfig
@@ -292,13 +292,17 @@ def _cofiring(co_tok: Tensor, co_feat: Tensor, n: int, k: int) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def _logit_effects(sae: SAE, lm: LoadedModel, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+def _logit_effects(sae: SAE, lm: LoadedModel, hook: str,
+                   k: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Each feature's direct effect on the logits: its decoder direction, written into the
+    residual stream (through the MLP's output weights for an MLP-neuron hook), through the
+    final norm's scale and the unembedding."""
     ue = unembedding(lm.model) if lm.causal else None
     if ue is None:
         return None
     w_u, scale = ue
     w_u = w_u.float().to(sae.device)
-    dirs = sae.W_dec.detach().float()
+    dirs = residual_directions(lm.model, hook, sae.W_dec.detach().float())
     if scale is not None:
         dirs = dirs * scale.float().to(dirs.device)
     out: list[list[Tensor]] = [[], [], [], []]
@@ -492,7 +496,7 @@ def _finish(
     hist = s.hist.cpu().numpy()
     near_v, near_i = _nearest(sae, cfg.neighbours)
     co_v, co_i = _cofiring(s.co_tok, s.co_feat, n, cfg.neighbours)
-    logits = _logit_effects(sae, lm, cfg.logit_tokens)
+    logits = _logit_effects(sae, lm, hook, cfg.logit_tokens)
     vocab = vocab_texts(lm.tokenizer)
     windows = np.fromfile(windows_file, dtype=np.int32).reshape(-1, T)
     ex = _Examples(windows, cfg.before, cfg.after)

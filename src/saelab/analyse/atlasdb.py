@@ -12,6 +12,9 @@ Schema (``format_version`` 1)::
     token_features(token_id INTEGER, feature INTEGER, activation REAL)
                                                      -- tokens a feature fires on in its top examples
     pages(feature INTEGER PRIMARY KEY, json BLOB)    -- everything else about a feature: gzip'd JSON
+    relatives(feature INTEGER, dictionary TEXT, other INTEGER, cosine REAL, label TEXT)
+                                                     -- optional (added by add_relatives): the
+                                                     -- closest features in other dictionaries
 
 A page (``Atlas.page(id)``) holds the features row's fields and::
 
@@ -30,7 +33,8 @@ token_features by token then activation. ``meta`` holds
 ``format_version``, ``saelab_version``, ``sae`` (its path and cfg), ``model``, ``hook_name``,
 ``corpus``, ``tokens``, ``windows``, ``context_length``, ``metrics`` (FVU, L0, dead,
 CE loss recovered, …), ``hist_edges_log10`` (activation histogram bins, shared by all
-features) and ``density_hist`` (the global log-density histogram).
+features), ``density_hist`` (the global log-density histogram) and, when relatives were
+added, ``relatives`` ({dictionary name: path of its atlas, or null}).
 
 The file is built beside its target and renamed into place, so an atlas is either the
 old one or the complete new one.
@@ -125,6 +129,46 @@ class AtlasWriter:
     def abort(self) -> None:
         self.db.close()
         self.tmp.unlink(missing_ok=True)
+
+
+RELATIVES_SCHEMA = """
+CREATE TABLE relatives(feature INTEGER NOT NULL, dictionary TEXT NOT NULL, other INTEGER NOT NULL,
+                       cosine REAL NOT NULL, label TEXT);
+CREATE INDEX relatives_feature ON relatives(feature);
+"""
+
+
+def add_relatives(path: str | Path, rows: dict[int, list[dict[str, Any]]],
+                  dictionaries: dict[str, str | None]) -> Path:
+    """Record each feature's closest features in other dictionaries (``rows``: {feature:
+    [{dictionary, feature, cosine}]}), labelled from those dictionaries' atlases where
+    ``dictionaries`` names one. Rewrites the atlas beside itself and renames it into place;
+    any relatives recorded before are replaced."""
+    path = Path(path)
+    labels: dict[str, dict[int, str]] = {}
+    for name, other in dictionaries.items():
+        if other is not None and Path(other).is_file():
+            a = Atlas(other)
+            labels[name] = a.labels(list(range(a.n_features)))
+    tmp = path.with_name(path.name + ".relatives")
+    tmp.unlink(missing_ok=True)
+    src = sqlite3.connect(path)
+    dst = sqlite3.connect(tmp)
+    try:
+        src.backup(dst)
+        dst.executescript("DROP TABLE IF EXISTS relatives;" + RELATIVES_SCHEMA)
+        dst.executemany("INSERT INTO relatives VALUES (?, ?, ?, ?, ?)", [
+            (f, r["dictionary"], r["feature"], r["cosine"], labels.get(r["dictionary"], {}).get(r["feature"]))
+            for f, rs in rows.items() for r in rs])
+        dst.execute("INSERT OR REPLACE INTO meta VALUES ('relatives', ?)", (json.dumps(dictionaries),))
+        dst.commit()
+    finally:
+        dst.close()
+        src.close()
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 class Atlas:
@@ -228,6 +272,15 @@ class Atlas:
         return dict(
             self._db().execute(f"SELECT id, label FROM features WHERE id IN ({marks})", list(ids)).fetchall()
         )
+
+    def relatives(self, feature: int) -> list[dict[str, Any]]:
+        """The closest features of other dictionaries (empty if none were recorded)."""
+        if "relatives" not in self.meta:
+            return []
+        rows = self._db().execute(
+            "SELECT dictionary, other, cosine, label FROM relatives WHERE feature = ? "
+            "ORDER BY dictionary, cosine DESC", (feature,)).fetchall()
+        return [{"dictionary": d, "feature": o, "cosine": c, "label": lab} for d, o, c, lab in rows]
 
     def vocab(self) -> list[str]:
         return [t for (t,) in self._db().execute("SELECT text FROM vocab ORDER BY id")]

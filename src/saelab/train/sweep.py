@@ -35,7 +35,7 @@ from saelab.eval.metrics import evaluate_reconstruction
 from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_json
 from saelab.train.trainer import Trainer
 
-GRID_KEYS = ("n_latents", "expansion_factor", "k", "l1_coefficient", "l0_coefficient")
+GRID_KEYS = ("architecture", "n_latents", "expansion_factor", "k", "l1_coefficient", "l0_coefficient")
 """What a sweep may vary: every cell must read the same batches (batch size, seed, tokens)."""
 
 
@@ -53,9 +53,16 @@ def cells(base: TrainConfig, grid: dict[str, Sequence[Any]]) -> list[TrainConfig
     if bad:
         raise InputError(f"a sweep can vary {', '.join(GRID_KEYS)}, not {', '.join(bad)}")
     keys = [k for k in GRID_KEYS if grid.get(k)]
-    out = []
+    out, seen = [], set()
     for values in itertools.product(*(grid[k] for k in keys)):
-        out.append(build(TrainConfig, **{**base.model_dump(), **dict(zip(keys, values, strict=True))}))
+        cfg = build(TrainConfig, **{**base.model_dump(), **dict(zip(keys, values, strict=True))})
+        # An axis that does not apply to a cell's architecture (k for relu, the L1
+        # coefficient for topk) would repeat that cell: keep one of each.
+        key = (cfg.architecture, cfg.n_latents, cfg.expansion_factor,
+               cfg.k if _coefficient(cfg) is None else _coefficient(cfg))
+        if key not in seen:
+            seen.add(key)
+            out.append(cfg)
     if not out:
         raise InputError("the sweep grid is empty")
     return out

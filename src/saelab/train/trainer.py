@@ -81,6 +81,13 @@ class Trainer:
 
         self.sae: SAE = create(self.sae_cfg)
         self.sae.init_weights(self.generator)
+        if cfg.init_scale == "balanced" and not self.sae.unit_norm_decoder:
+            # Half the latents of a fresh ReLU dictionary fire: the reconstruction is about
+            # c² n / (2 d_in) x, so c² = 2 d_in / n makes it about x.
+            c = min(1.0, math.sqrt(2 * source.d_in / self.n))
+            with torch.no_grad():
+                self.sae.W_dec.mul_(c)
+                self.sae.W_enc.mul_(c)
         self.sae.to(self.device)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr)
         self.tokens_since_fired = torch.zeros(self.n, dtype=torch.long, device=self.device)
@@ -168,7 +175,9 @@ class Trainer:
             raise InputError(f"{path} is not a saelab training checkpoint")
         if state["format_version"] > FORMAT_VERSION:
             raise InputError(f"{path} was written by a newer saelab; upgrade to resume it")
-        old, new = state["train_config"], self.cfg.model_dump()
+        # A setting added after the checkpoint was written counts as its default there.
+        defaults = {k: f.default for k, f in TrainConfig.model_fields.items() if not f.is_required()}
+        old, new = {**defaults, **state["train_config"]}, self.cfg.model_dump()
         changed = [
             f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
             for k in sorted(set(old) | set(new))

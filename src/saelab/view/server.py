@@ -15,6 +15,10 @@ Routes::
     POST /api/attribute {"text", "target"}
                                  which features drive the next-token logit of target
                                  (default: the model's prediction), per token
+    GET  /api/relatives/{id}     the feature's closest features in other dictionaries
+                                 (recorded by `saelab study monosemanticity`)
+    GET  /d/{name}/...           a companion atlas (``serve_atlases``), e.g. the neurons or
+                                 another dictionary size, the same viewer without the model
 
 Every query is parameterised; no route takes a file path, and the static files come from
 the package folder only. The model routes bound their input (characters, tokens, new
@@ -189,11 +193,15 @@ def create_app(
     max_tokens: int = 256,
     live_wait: float = 10.0,
     lm: Any = None,
+    dictionaries: dict[str, str] | None = None,
+    current: str | None = None,
 ) -> FastAPI:
     """The viewer app for the atlas at ``atlas_path``. With ``live``, the SAE (from the path
     the atlas records, or ``sae_dir``) and its model (or ``lm``, already loaded) load at
-    startup for the text box, steering and attribution."""
+    startup for the text box, steering and attribution. ``dictionaries`` ({name: URL}) are
+    the atlases served beside this one (``current`` names this one), linked from the page."""
     atlas = Atlas(atlas_path)
+    served = dict(dictionaries or {})
     state: dict[str, Any] = {"live": None, "live_error": None if live else "started with --no-live"}
 
     @asynccontextmanager
@@ -227,6 +235,8 @@ def create_app(
             "live_error": state["live_error"],
             "max_chars": max_chars,
             "max_tokens": max_tokens,
+            "dictionaries": served,
+            "current": current,
         }
 
     @app.get("/api/features")
@@ -298,5 +308,36 @@ def create_app(
     def attribute(req: AttributeRequest) -> JSONResponse:
         return JSONResponse(with_model(req.text, lambda lm: lm.attribute(req)))
 
+    @app.get("/api/relatives/{fid}")
+    def relatives(fid: int) -> dict[str, Any]:
+        if not 0 <= fid < atlas.n_features:
+            raise HTTPException(404, f"no feature {fid} (the atlas has 0 to {atlas.n_features - 1})")
+        items = atlas.relatives(fid)
+        for r in items:
+            r["url"] = served.get(r["dictionary"])
+        return {"feature": fid, "items": items}
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def serve_atlases(atlas_path: str | Path, companions: dict[str, Path], name: str | None = None,
+                  **live: Any) -> FastAPI:
+    """The viewer of ``atlas_path`` at / with each companion atlas at /d/{name}/ (read-only,
+    no live model), each page linking to the others."""
+    main_name = name or Path(atlas_path).stem
+    if main_name in companions:
+        raise SaelabError(f"two atlases are called {main_name!r}; name them apart (--with NAME=ATLAS)")
+    urls = {main_name: "/", **{n: f"/d/{n}/" for n in companions}}
+    app = create_app(atlas_path, dictionaries=urls, current=main_name, **live)
+    for n, path in companions.items():
+        app.mount(f"/d/{n}", create_app(path, live=False, dictionaries=urls, current=n))
+
+        def slash(n: str = n) -> RedirectResponse:
+            return RedirectResponse(f"/d/{n}/")
+
+        app.add_api_route(f"/d/{n}", slash, include_in_schema=False)
+    # A mount is matched before later routes: put the redirects first.
+    app.router.routes.sort(key=lambda r: 0 if getattr(r, "path", "").startswith("/d/") and
+                           not hasattr(r, "app") else 1)
     return app

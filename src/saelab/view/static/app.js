@@ -102,6 +102,7 @@ const api = {
   live: (text) => post("api/live", { text }),
   steer: (body) => post("api/steer", body),
   attribute: (text, target) => post("api/attribute", { text, target: target || null }),
+  relatives: (id) => (STATIC || !META.relatives) ? Promise.resolve({ items: [] }) : getJSON(`api/relatives/${id}`),
 };
 function post(url, body) {
   return getJSON(url, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
@@ -183,8 +184,24 @@ async function pageList() {
   show(el("h1", {}, "Features"), form, el("table", { id: "feature-table" }, el("thead", {}, head), body), pager);
 }
 
+// The feature's closest features in the other dictionaries of a study (decoder cosine),
+// linked where that dictionary's atlas is served beside this one.
+function relativesList(items) {
+  if (!items.length) return null;
+  const groups = {};
+  for (const r of items) (groups[r.dictionary] = groups[r.dictionary] || []).push(r);
+  const item = (r) => el("li", {},
+    r.url ? el("a", { href: `${r.url}#/f/${r.feature}` }, `#${r.feature}`) : `#${r.feature}`,
+    r.label ? el("span", { class: "muted" }, " " + r.label) : null,
+    el("span", { class: "muted" }, ` cos ${fmt(r.cosine, 2)}`));
+  const group = ([name, rs]) => el("div", { class: "rel-group" },
+    el("div", { class: "muted" }, name), el("ul", { class: "links" }, rs.map(item)));
+  return [el("h2", {}, "In other dictionaries (decoder cosine)"),
+    el("div", { id: "relatives" }, Object.entries(groups).map(group))];
+}
+
 async function pageFeature(id) {
-  const f = await api.feature(id);
+  const [f, rel] = await Promise.all([api.feature(id), api.relatives(id)]);
   const vocab = f.vocab;
   const max = f.max_act || 1;
   const [lo, hi, nb] = META.hist_log10;
@@ -223,7 +240,8 @@ async function pageFeature(id) {
           el("div", {}, el("div", { class: "muted" }, "raises"), logitTable(f.logits.pos, "pos")),
           el("div", {}, el("div", { class: "muted" }, "lowers"), logitTable(f.logits.neg, "neg")))] : null,
         el("h2", {}, "Nearest features (decoder cosine)"), relList(f.neighbours, "cos"),
-        el("h2", {}, "Co-firing features (Jaccard)"), relList(f.cofire, "J"))),
+        el("h2", {}, "Co-firing features (Jaccard)"), relList(f.cofire, "J"),
+        relativesList(rel.items))),
     steerBox(id, f),
   );
   document.title = `#${id} ${f.label} · saelab atlas`;
@@ -370,6 +388,9 @@ async function route() {
   try {
     META = META || await api.meta();
     document.getElementById("subtitle").textContent = `${META.model} · ${META.hook_name} · ${META.n_features.toLocaleString()} features`;
+    const dicts = Object.entries(META.dictionaries || {});
+    if (dicts.length > 1) document.getElementById("dicts").replaceChildren("dictionaries: ", ...dicts.map(([name, url]) =>
+      name === META.current ? el("b", {}, name, " ") : el("a", { href: url + "#/" }, name + " ")));
     let m;
     if ((m = h.match(/^\/f\/(\d+)$/))) await pageFeature(+m[1]);
     else if ((m = h.match(/^\/search\/(.+)$/))) await pageSearch(m[1]);
