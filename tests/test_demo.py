@@ -14,8 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
-from test_viewer import _free_port
+from helpers import free_port, run_cli
 
 from saelab.activations.store import read_manifest
 
@@ -74,7 +73,7 @@ def test_demo_interrupted_then_finished_then_reused_then_served(tmp_path):
     atlas = next(out.glob("*.atlas"))
 
     # a further run reuses every stage (the model is not even loaded) and serves the viewer
-    port = _free_port()
+    port = free_port()
     proc = _start(out, "--port", str(port))
     try:
         seen = _wait_for(proc.stderr, f"http://127.0.0.1:{port}/")
