@@ -50,7 +50,7 @@ def test_demo_interrupted_then_finished_then_reused_then_served(tmp_path):
     _wait_for(proc.stderr, "harvest:")  # the harvest's progress bar
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not (out / "demo.json").exists()

@@ -53,6 +53,10 @@ def cells(base: TrainConfig, grid: dict[str, Sequence[Any]]) -> list[TrainConfig
     if bad:
         raise InputError(f"a sweep can vary {', '.join(GRID_KEYS)}, not {', '.join(bad)}")
     keys = [k for k in GRID_KEYS if grid.get(k)]
+    for k in keys:
+        if len(set(grid[k])) != len(grid[k]):
+            raise InputError(f"two cells of the grid are the same SAE: {k} lists a value twice; give each "
+                             "value once")
     out, seen = [], set()
     for values in itertools.product(*(grid[k] for k in keys)):
         cfg = build(TrainConfig, **{**base.model_dump(), **dict(zip(keys, values, strict=True))})
