@@ -194,8 +194,8 @@ def test_study_on_a_tiny_model_then_the_viewer(tiny_lm, tmp_path):
         assert "neurons" in text and f"#{target['feature']}" in text
         assert "neurons" in page.inner_text("#dicts")
         page.click(f"#relatives a[href='/d/neurons/#/f/{target['feature']}']")
-        page.wait_for_function("document.getElementById('feature-label') && "
-                               "document.getElementById('subtitle').textContent.includes('64 features')")
+        page.wait_for_selector("#subtitle:has-text('64 features')")
+        page.wait_for_selector("#feature-label")
         assert page.inner_text("h1").startswith(f"Feature #{target['feature']}")
         assert not errors, errors
     json.dumps(r)  # the study's summary is plain JSON
