@@ -23,10 +23,16 @@ TINY = ["--corpus", "python-stdlib", "--context-length", "64", "--tokens", "3000
         "--k", "8", "--eval-tokens", "256", "--atlas-tokens", "3000", "--device", "cpu"]
 
 
+def _sigint_default() -> None:
+    # A shell that starts jobs in the background (nohup, `&`) leaves SIGINT ignored, and an
+    # ignored SIGINT is inherited; Ctrl-C must reach the demo as it does in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(out: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "saelab", "demo", *TINY, "--out", str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_sigint_default)
 
 
 def _wait_for(stream, needle: str, timeout: float = 300) -> str:
