@@ -102,6 +102,65 @@ def test_sparse_kernels_in_bfloat16_follow_float64() -> None:
         assert (low.grad.double() - want.grad).norm() <= 0.02 * want.grad.norm()
 
 
+def test_chunked_gather_dot_and_workspace_leave_the_kernels_exact(monkeypatch) -> None:
+    """The decoder's value gradient is gathered a block of rows at a time, and a workspace
+    keeps the dense pre-activations between calls: neither may change a number."""
+    import saelab.sae.kernels as kernels
+
+    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", 3 * 4 * 8)  # 3 rows per block
+    torch.manual_seed(3)
+    B, n, d, k = 10, 30, 8, 4
+    ins = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((B, d), (n, d), (n,), (n, d))]
+    g = torch.randn(B, d, dtype=torch.float64)
+
+    def grads(workspace):
+        for t in ins:
+            t.grad = None
+        x, W, b, Wd = ins
+        codes = topk_encode(x, W, b, k, workspace=workspace)
+        (sparse_decode(codes.values, codes.indices, Wd) * g).sum().backward()
+        return codes, [t.grad.clone() for t in ins]
+
+    plain, plain_grads = grads(None)
+    workspace: dict = {}
+    for _ in range(2):  # the second call reuses the first's buffer
+        codes, got = grads(workspace)
+        assert torch.equal(codes.indices, plain.indices) and torch.equal(codes.values, plain.values)
+        for a, want in zip(got, plain_grads, strict=True):
+            assert torch.allclose(a, want, atol=1e-12)
+    assert workspace["pre"].shape == (B, n)
+    ptr = workspace["pre"].data_ptr()
+    grads(workspace)
+    assert workspace["pre"].data_ptr() == ptr
+    # the value gradient against a [B, k, d] gather
+    Wd = ins[3]
+    idx = plain.indices
+    want = (Wd.detach()[idx] * g[:, None, :]).sum(-1)
+    assert torch.allclose(kernels._gather_dot(Wd.detach(), idx, g), want, atol=1e-12)
+
+
+def test_autocast_runs_only_the_encoder_matmul_in_bfloat16() -> None:
+    """Mixed precision: under torch.autocast the TopK encoder's matmul runs in bfloat16, but
+    the values, the reconstruction and every gradient come back in float32, and the
+    selection matches float32 up to near-ties."""
+    torch.manual_seed(4)
+    B, n, d, k = 64, 512, 32, 8
+    x, W, b, Wd = (torch.randn(*s).requires_grad_(True) for s in ((B, d), (n, d), (n,), (n, d)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = topk_encode(x, W, b, k)
+        out = sparse_decode(codes.values, codes.indices, Wd)
+    assert codes.values.dtype == out.dtype == torch.float32
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (x, W, b, Wd))
+    with torch.no_grad():
+        full = topk_encode(x, W, b, k)
+        overlap = torch.tensor([len(set(a.tolist()) & set(c.tolist()))
+                                for a, c in zip(codes.indices, full.indices, strict=True)])
+        assert overlap.float().mean() >= 0.95 * k
+        exact = (x @ W.T + b).gather(1, codes.indices).relu()
+        assert torch.allclose(codes.values, exact, rtol=0.02, atol=0.05)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradients_reach_every_learned_parameter(arch: str) -> None:
     sae = make(arch)

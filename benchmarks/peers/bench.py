@@ -37,7 +37,7 @@ VENVS = {
 }
 NAMES = {
     "saelab": "saelab (float32)",
-    "saelab-bf16": "saelab (bfloat16)",
+    "saelab-bf16": "saelab (bf16 matmul, float32 weights)",
     "sparsify": "EleutherAI sparsify 1.3.3",
     "dictlearn": "dictionary_learning 0.1.0",
     "saelens": "SAELens 6.54.12",

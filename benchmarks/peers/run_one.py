@@ -39,7 +39,8 @@ def adam_lr(n: int) -> float:
 
 
 # --------------------------------------------------------------------------- the libraries
-def saelab_lib(d: int, n: int, k: int, steps: int, batch: int, dtype: str = "float32") -> tuple[Any, Any]:
+def saelab_lib(d: int, n: int, k: int, steps: int, batch: int,
+               matmul_dtype: str | None = None) -> tuple[Any, Any]:
     from saelab.activations.source import MatrixSource
     from saelab.config import TrainConfig
     from saelab.train.trainer import Trainer
@@ -54,7 +55,7 @@ def saelab_lib(d: int, n: int, k: int, steps: int, batch: int, dtype: str = "flo
                 k=k,
                 tokens=steps * batch,
                 batch_size=batch,
-                dtype=dtype,
+                matmul_dtype=matmul_dtype,
                 progress=False,
                 checkpoint_every_steps=0,
                 log_every_steps=10**9,
@@ -176,7 +177,8 @@ def saelens_lib(d: int, n: int, k: int, steps: int, batch: int) -> tuple[Any, An
 
 
 def saelab_bf16_lib(d: int, n: int, k: int, steps: int, batch: int) -> tuple[Any, Any]:
-    return saelab_lib(d, n, k, steps, batch, dtype="bfloat16")
+    """Mixed precision: float32 parameters and Adam, the encoder's matmul in bfloat16."""
+    return saelab_lib(d, n, k, steps, batch, matmul_dtype="bfloat16")
 
 
 LIBS = {

@@ -3,7 +3,7 @@
 # installed first and pinned by a constraints file, so no peer's requirements pull another
 # torch build. dictionary-learning 0.1.0 pins nnsight<0.4 (which pulls torch 2.14 and no
 # longer imports with current transformers): it is installed without its dependencies,
-# plus the two its SAE trainers use (einops, tqdm); bench.py loads its trainer modules
+# plus what its SAE trainers and run_one.py use (einops, tqdm, numpy); bench.py loads its trainer modules
 # without the package __init__ (which imports nnsight for its activation buffer).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,5 +24,5 @@ install() {  # name, pip arguments...
 }
 install sparsify eai-sparsify==1.3.3
 install saelens sae-lens==6.54.12
-install dictlearn --no-deps dictionary-learning==0.1.0 einops tqdm
+install dictlearn --no-deps dictionary-learning==0.1.0 einops tqdm numpy
 echo "peers installed in $(pwd)/.venvs"

@@ -130,6 +130,13 @@ class TrainConfig(_Config):
     seed: int = Field(default=0, description="Random seed (init, data order, resampling).")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     dtype: DType = Field(default="float32", description="Parameter dtype.")
+    matmul_dtype: Literal["bfloat16", "float16"] | None = Field(
+        default=None,
+        description="Mixed precision: run the dense matmuls (the encoder's, most of the cost) in "
+        "this dtype under torch.autocast, keeping parameters, Adam state, the loss and the sparse "
+        "TopK backward in `dtype`. bfloat16 runs the encoder about 2-3x faster on CPUs with "
+        "AVX512-BF16/AMX and on recent GPUs. Default: everything in `dtype`.",
+    )
     checkpoint_every_steps: int = Field(
         default=200, ge=0, description="Write a resumable checkpoint every N steps (0: never)."
     )
@@ -170,6 +177,13 @@ class TrainConfig(_Config):
         # is kept at its default (a sweep over architectures gives it to every cell).
         if self.architecture not in ("relu", "gated") and self.init_scale != "unit":
             object.__setattr__(self, "init_scale", "unit")
+        return self
+
+    @model_validator(mode="after")
+    def _check_matmul_dtype(self) -> TrainConfig:
+        if self.matmul_dtype is not None and self.dtype != "float32" and self.matmul_dtype != self.dtype:
+            raise ValueError(f"matmul_dtype {self.matmul_dtype} mixes with float32 parameters, not "
+                             f"dtype {self.dtype}; use dtype float32, or leave matmul_dtype unset")
         return self
 
     @model_validator(mode="after")

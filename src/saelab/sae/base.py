@@ -12,7 +12,7 @@ writes the SAELens layout: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -51,6 +51,7 @@ class TrainContext:
     k_aux: int = 0
     dead_mask: Tensor | None = None  # [n_latents] bool
     jumprelu_bandwidth: float = 0.05
+    workspace: dict[str, Tensor] = field(default_factory=dict)  # scratch kept across steps
 
 
 def squared_error(x: Tensor, recon: Tensor) -> Tensor:
@@ -151,15 +152,16 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min_(1e-8))
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
         """Project out the part of W_dec's gradient along each (unit) row."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        # Row-wise dot products as a batched [1, d] @ [d, 1] (no [n, d] temporary).
+        parallel = torch.bmm(self.W_dec.grad.unsqueeze(1), self.W_dec.unsqueeze(2)).view(-1, 1)
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -9,6 +9,10 @@ dense matmul can touch only those ``k`` latents:
 * :func:`sparse_decode` — ``x̂ = Σ_j v_j W_dec[i_j]`` via ``embedding_bag`` and a backward
   that gathers/scatters only the selected decoder rows.
 
+On CUDA with Triton importable, the row gathers and scatters run as the Triton kernels of
+:mod:`saelab.sae.triton_kernels`; elsewhere as ``embedding_bag``, blocked gathers with
+``bmm`` and sparse matrix products.
+
 The encoder weight is passed as ``[n_latents, d_in]`` rows (``W_enc.T``), which the SAE
 keeps contiguous so row gathers and ``index_add_`` are cache-friendly.
 """
@@ -21,6 +25,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from saelab.sae import triton_kernels
 
 
 class TopKCodes(NamedTuple):
@@ -39,6 +45,10 @@ def _row_gather_add(
     CSR (entries sorted by row once; about twice as fast as COO) for float32/float64 on the
     CPU, COO elsewhere (CSR has no bfloat16 kernel on the CPU).
     """
+    if triton_kernels.usable(other):
+        out = triton_kernels.run(triton_kernels.scatter_add, n_rows, indices, weights, other)
+        if out is not None:
+            return out
     B, kk = indices.shape
     flat = indices.reshape(-1)
     values = weights.reshape(-1).to(other.dtype)
@@ -56,13 +66,45 @@ def _row_gather_add(
     return csr @ other
 
 
+GATHER_CHUNK_ELEMENTS = 1 << 21
+"""Elements of gathered rows per chunk in :func:`_gather_dot` (8 MiB of float32): large
+enough for an efficient ``bmm``, small enough to stay in cache."""
+
+
 def _gather_dot(W: Tensor, indices: Tensor, g: Tensor) -> Tensor:
-    """``out[b, j] = <W[indices[b, j]], g[b]>``, one column of ``indices`` at a time, so the
-    gathered rows ([B, d] at a time, not [B, k, d]) stay small."""
+    """``out[b, j] = <W[indices[b, j]], g[b]>``: the selected rows gathered a block of rows
+    at a time (about :data:`GATHER_CHUNK_ELEMENTS` elements), each block one ``bmm``, so no
+    [B, k, d] temporary is built and the gathered block is still in cache when it is used."""
+    if triton_kernels.usable(g):
+        out = triton_kernels.run(triton_kernels.gather_dot, W, indices, g)
+        if out is not None:
+            return out
+    B, kk = indices.shape
+    d = W.shape[1]
     out = torch.empty(indices.shape, dtype=g.dtype, device=g.device)
-    for j in range(indices.shape[1]):
-        out[:, j] = (W[indices[:, j]] * g).sum(-1)
+    step = B if W.device.type != "cpu" else max(1, GATHER_CHUNK_ELEMENTS // (kk * d))
+    for s in range(0, B, step):
+        idx = indices[s : s + step]
+        rows = W.index_select(0, idx.reshape(-1)).view(idx.shape[0], kk, d)
+        out[s : s + step] = torch.bmm(rows.to(g.dtype), g[s : s + step].unsqueeze(2)).squeeze(2)
     return out
+
+
+def _gather_sum(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:
+    """``out[b] = Σ_j weights[b, j] · W[indices[b, j]]``."""
+    if triton_kernels.usable(W):
+        out = triton_kernels.run(triton_kernels.gather_sum, indices, weights, W)
+        if out is not None:
+            return out
+    return F.embedding_bag(indices, W, per_sample_weights=weights, mode="sum")
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The lower-precision dtype of an active ``torch.autocast`` region on ``t``'s device."""
+    kind = t.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -75,15 +117,25 @@ class _TopKEncode(torch.autograd.Function):
         k: int,
         dead_mask: Tensor | None,
         k_aux: int,
+        workspace: dict[str, Tensor] | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        pre = torch.addmm(b_enc, x, enc_rows.t())
+        low = _autocast_dtype(x)
+        if low is not None and low != x.dtype:
+            # Mixed precision: only the dense matmul (and the selection on its result) runs in
+            # the autocast dtype; the values go on in x's dtype, and the backward, which
+            # touches only the selected latents, runs in the parameters' dtype.
+            x_, w_, b_ = x.to(low), enc_rows.to(low), b_enc.to(low)
+        else:
+            x_, w_, b_ = x, enc_rows, b_enc
+        pre = _buffer(workspace, "pre", (x.shape[0], enc_rows.shape[0]), x_.dtype, x.device)
+        pre = torch.addmm(b_, x_, w_.t(), out=pre)
         values, indices = pre.topk(k, dim=-1, sorted=False)
-        values = values.relu_()
+        values = values.to(x.dtype).relu_()
         if dead_mask is not None and k_aux > 0:
             aux_values, aux_indices = pre.masked_fill_(~dead_mask, float("-inf")).topk(
                 k_aux, dim=-1, sorted=False
             )
-            aux_values = aux_values.relu_()
+            aux_values = aux_values.to(x.dtype).relu_()
         else:
             aux_values = x.new_zeros(x.shape[0], 0)
             aux_indices = indices.new_zeros(x.shape[0], 0)
@@ -104,13 +156,26 @@ class _TopKEncode(torch.autograd.Function):
         g = g.contiguous()
         grad_x = grad_rows = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, enc_rows, per_sample_weights=g, mode="sum")
+            grad_x = _gather_sum(idx, g, enc_rows)
         if ctx.needs_input_grad[1]:
             grad_rows = _row_gather_add(enc_rows.shape[0], idx, g, x)
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(enc_rows.shape[0], dtype=g.dtype, device=g.device)
             grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_rows, grad_b, None, None, None
+        return grad_x, grad_rows, grad_b, None, None, None, None
+
+
+def _buffer(workspace: dict[str, Tensor] | None, name: str, shape: tuple[int, ...],
+            dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """A scratch tensor kept in ``workspace`` between calls of the same shape (None without a
+    workspace). A fresh [4096, 24576] float32 tensor costs about 0.1 s of page faults on a
+    CPU each step; a kept one costs nothing."""
+    if workspace is None:
+        return None
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+        buf = workspace[name] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
 
 
 def topk_encode(
@@ -120,14 +185,18 @@ def topk_encode(
     k: int,
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
+    workspace: dict[str, Tensor] | None = None,
 ) -> TopKCodes:
     """Top-k of ``ReLU(x @ enc_rows.T + b_enc)`` with a sparse backward.
 
     With ``dead_mask`` and ``k_aux > 0`` also returns the top ``k_aux`` activations among
     dead latents (for the AuxK loss); their gradient is merged into the same sparse update.
+    A ``workspace`` dict (a training loop keeps one) holds the dense [B, n_latents]
+    pre-activations between calls instead of allocating them each time. Inside a
+    ``torch.autocast`` region the dense matmul runs in the autocast dtype (mixed precision).
     """
     values, indices, aux_values, aux_indices = _TopKEncode.apply(
-        x, enc_rows, b_enc, k, dead_mask, k_aux
+        x, enc_rows, b_enc, k, dead_mask, k_aux, workspace
     )
     if aux_indices.shape[1] == 0:
         return TopKCodes(values, indices, None, None)
@@ -138,7 +207,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(values, indices, W_dec)
-        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+        return _gather_sum(indices, values, W_dec)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]

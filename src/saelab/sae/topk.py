@@ -56,7 +56,7 @@ class TopKSAE(SAE):
         k_aux = min(ctx.k_aux, int(ctx.dead_mask.sum())) if ctx.dead_mask is not None else 0
         codes = topk_encode(
             x - self.b_dec, self.enc_rows, self.b_enc, self.k,
-            ctx.dead_mask if k_aux > 0 else None, k_aux,
+            ctx.dead_mask if k_aux > 0 else None, k_aux, ctx.workspace,
         )
         recon = sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_dec
         mse = squared_error(x, recon)

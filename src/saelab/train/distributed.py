@@ -87,7 +87,7 @@ class DistributedTrainer(Trainer):
             local_cfg = self.sae_cfg.model_copy(update={"n_latents": self.n_local})
             self.sae = create(local_cfg).to(self.device)
             self.sae.load_state_dict(self._slice_model(full.state_dict()))
-            self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr)
+            self._make_optimizer()
             self.tokens_since_fired = torch.zeros(self.n_local, dtype=torch.long, device=self.device)
 
     def _groups(self, world: int) -> tuple[Any, Any]:
@@ -144,7 +144,8 @@ class DistributedTrainer(Trainer):
             dist.all_reduce(n_dead, group=self.ls_group)
             k_aux = min(ctx.k_aux, int(n_dead))
         codes = topk_encode(x - sae.b_dec, sae.enc_rows, sae.b_enc, k,
-                            ctx.dead_mask if k_aux > 0 else None, min(k_aux, self.n_local))
+                            ctx.dead_mask if k_aux > 0 else None, min(k_aux, self.n_local),
+                            ctx.workspace)
         values = codes.values * self._select(codes.values, codes.indices, k)
         b_dec = sae.b_dec if self.ls_rank == 0 else sae.b_dec.detach()
         recon = self._sum(sparse_decode(values, codes.indices, sae.W_dec)) + b_dec

@@ -51,6 +51,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def adam(params: Any, lr: float) -> torch.optim.Adam:
+    """Adam, fused into one kernel per parameter (about 18x faster than the per-op loop on a
+    CPU at 2 x 18.9M parameters) wherever this torch has a fused kernel for the device."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # a device or dtype without a fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
 def default_lr(n_latents: int) -> float:
     """2e-4 / sqrt(n_latents / 2^14), the TopK paper's rule."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
@@ -89,7 +99,7 @@ class Trainer:
                 self.sae.W_dec.mul_(c)
                 self.sae.W_enc.mul_(c)
         self.sae.to(self.device)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr)
+        self._make_optimizer()
         self.tokens_since_fired = torch.zeros(self.n, dtype=torch.long, device=self.device)
         self.scale = 1.0
         self.step = 0
@@ -97,6 +107,36 @@ class Trainer:
         self.finished = False
         self.last_checkpoint_step: int | None = None
         self.data_parallel = 1  # processes sharing each batch (DistributedTrainer)
+
+    def _make_optimizer(self) -> None:
+        """Adam over the SAE's parameters, each as one contiguous tensor. The encoder is kept
+        as contiguous latent rows and seen as their transpose ``W_enc`` [d_in, n]; Adam gets
+        the rows instead (a leaf sharing their storage), which its fused kernel updates in
+        place, where on the transposed view it would copy all four tensors each step (about
+        10x slower). Checkpoints hold the state in the parameters' own layout."""
+        self._steps_as: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+        for p in self.sae.parameters():
+            view = p
+            if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous():
+                view = torch.nn.Parameter(p.detach().t())
+            self._steps_as.append((p, view))
+        self.optimizer = adam([v for _, v in self._steps_as], self.lr)
+
+    def _optimizer_layout(self, opt_state: dict[str, Any], to_params: bool) -> dict[str, Any]:
+        """The optimizer's state with each transposed parameter's moments transposed: to the
+        parameters' layout (for a checkpoint) or back to the optimizer's (from one)."""
+        flipped = {i for i, (p, v) in enumerate(self._steps_as) if v is not p}
+        if not flipped:
+            return opt_state
+
+        def move(t: Any) -> Any:
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                return t
+            return t.t() if to_params else t.t().contiguous()
+
+        state = {i: ({k: move(t) for k, t in st.items()} if i in flipped else st)
+                 for i, st in opt_state["state"].items()}
+        return {**opt_state, "state": state}
 
     # ------------------------------------------------------------------ schedules
     def lr_at(self, step: int) -> float:
@@ -143,14 +183,14 @@ class Trainer:
             "sae_config": self.sae_cfg.model_dump(),
             "input_scale": self.scale,
             "model": self.sae.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_layout(self.optimizer.state_dict(), to_params=True),
             "tokens_since_fired": self.tokens_since_fired.cpu(),
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._optimizer_layout(state["optimizer"], to_params=False))
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.generator.set_state(state["generator"])
         self.scale = float(state["input_scale"])
@@ -230,17 +270,15 @@ class Trainer:
             float(self.sae.W_enc[:, alive].norm(dim=0).mean()) if bool(alive.any()) else 1.0
         )
         self.sae.reinit_latents(dead, dirs, 0.2 * enc_norm)
-        # Forget Adam's moments for the restarted latents (W_enc columns, other rows).
-        for name, p in self.sae.named_parameters():
+        # Forget Adam's moments for the restarted latents: Adam sees every latent-indexed
+        # parameter with latents first (the encoder as its rows).
+        for (name, _), (_, view) in zip(self.sae.named_parameters(), self._steps_as, strict=True):
             if name == "b_dec":
                 continue
-            st = self.optimizer.state.get(p, {})
+            st = self.optimizer.state.get(view, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
-                    if name == "W_enc":
-                        st[key][:, dead] = 0
-                    else:
-                        st[key][dead] = 0
+                    st[key][dead] = 0
         self.tokens_since_fired[dead] = 0
         return int(dead.numel())
 
@@ -297,14 +335,19 @@ class Trainer:
         ctx.dead_mask = dead
         ctx.k_aux = self.k_aux if cfg.aux_k_coefficient > 0 else 0
 
-        out = self._forward(x, ctx)
+        with self._autocast():
+            out = self._forward(x, ctx)
         if not torch.isfinite(out.loss):
             self._diverged(float(out.loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
+        sae.zero_grad(set_to_none=True)
         out.loss.backward()
         self._sync_gradients()
         if sae.unit_norm_decoder:
             sae.remove_parallel_gradient()
+        for p, view in self._steps_as:
+            if view is not p:
+                view.grad = p.grad.t() if p.grad is not None else None
         self.optimizer.step()
         if sae.unit_norm_decoder:
             sae.normalize_decoder()
@@ -328,6 +371,14 @@ class Trainer:
             self.save_checkpoint()
         return record
 
+    def _autocast(self) -> Any:
+        """Mixed precision (``matmul_dtype``): the dense matmuls run in that dtype; parameters,
+        Adam state, the loss and the sparse backward stay in ``dtype``."""
+        low = self.cfg.matmul_dtype
+        enabled = low is not None and low != self.cfg.dtype
+        return torch.autocast(self.device.type, dtype=getattr(torch, low or "bfloat16"),
+                              enabled=enabled)
+
     def _forward(self, x: Tensor, ctx: TrainContext) -> Any:
         return self.sae.training_forward(x, ctx)
 
@@ -341,6 +392,7 @@ class Trainer:
             return self._finish(already=True)
         self.elapsed = self._elapsed_before + time.perf_counter() - self._t0
         self.finished = True
+        self._ctx.workspace.clear()  # the step's scratch (hundreds of MB for a large dictionary)
         self.save_checkpoint()
         return self._finish()
 
