@@ -99,6 +99,53 @@ def test_matmul_dtype_needs_float32_parameters() -> None:
                   dtype="float16", matmul_dtype="bfloat16", progress=False)
 
 
+FAULTS_SCRIPT = """
+import resource, torch
+from saelab.train import memory
+
+def faults_of_a_fresh_block():
+    torch.ones(16 << 20).sum()  # 64 MiB (above glibc's largest mmap threshold) touched, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 << 20).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(faults_of_a_fresh_block())
+memory.retain()
+faults_of_a_fresh_block()
+print(faults_of_a_fresh_block())
+memory.release()
+print(faults_of_a_fresh_block())
+"""
+
+
+def test_training_reuses_freed_memory_and_gives_it_back(toy) -> None:
+    """While a run is on, a freed large block is reused without page faults (glibc keeps it);
+    after the run (finished or failed) glibc's defaults are back."""
+    from saelab.train import memory
+
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True,
+                         check=True).stdout.split()
+    before, kept, after = (int(v) for v in out)
+    assert before > 15_000 and after > 15_000  # 16,384 4-KiB pages faulted in again
+    assert kept < 1_000
+    _, x, _ = toy
+    train_sae(x, architecture="topk", k=3, n_latents=64, tokens=2_000, batch_size=256, progress=False)
+    assert memory._users == 0
+
+    class Broken(MatrixSource):
+        def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+            for i, b in enumerate(super().batches(batch_size, seed, start_step)):
+                if i == 3:
+                    raise OSError("disk gone")
+                yield b
+
+    t = Trainer(Broken(x[:512]), TrainConfig(architecture="topk", k=3, n_latents=64, tokens=4_096,
+                                             batch_size=256, progress=False))
+    with pytest.raises(OSError, match="disk gone"):
+        t.run()
+    assert t.step == 3 and memory._users == 0
+
+
 def test_input_scale_is_stored_and_folded(toy, tmp_path) -> None:
     _, x, x_eval = toy
     sae = train_sae(x * 100, architecture="topk", k=3, n_latents=64, tokens=20_000,

@@ -28,6 +28,7 @@ from saelab.errors import InputError, SaelabError, TrainingDiverged
 from saelab.eval.metrics import fvu
 from saelab.io import atomic_torch_save, atomic_write_text
 from saelab.sae.base import CFG_FILENAME, SAE, TrainContext, create
+from saelab.train import memory
 from saelab.train.init import geometric_median, input_scale
 
 CHECKPOINT = "checkpoint.pt"
@@ -107,6 +108,7 @@ class Trainer:
         self.finished = False
         self.last_checkpoint_step: int | None = None
         self.data_parallel = 1  # processes sharing each batch (DistributedTrainer)
+        self._retaining = False  # holding memory.retain() for this run
 
     def _make_optimizer(self) -> None:
         """Adam over the SAE's parameters, each as one contiguous tensor. The encoder is kept
@@ -300,9 +302,17 @@ class Trainer:
                 if record is not None:
                     bar.set_postfix(fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}",
                                     dead=f"{100 * record['dead_fraction']:.1f}%")
+        except BaseException:
+            self._release_memory()
+            raise
         finally:
             bar.close()
         return self.end()
+
+    def _release_memory(self) -> None:
+        if self._retaining:
+            self._retaining = False
+            memory.release()
 
     def begin(self) -> bool:
         """Resume from the checkpoint or initialise from the data; True if already finished."""
@@ -318,6 +328,9 @@ class Trainer:
         self._ctx = TrainContext(aux_k_coefficient=self.cfg.aux_k_coefficient,
                                  jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)
         self._t0, self._tokens_at_t0 = time.perf_counter(), self.step * self.cfg.batch_size
+        if self.device.type == "cpu" and not self._retaining:
+            memory.retain()  # reuse each step's freed blocks instead of faulting in fresh pages
+            self._retaining = True
         self._elapsed_before = self.elapsed
         return False
 
@@ -393,6 +406,7 @@ class Trainer:
         self.elapsed = self._elapsed_before + time.perf_counter() - self._t0
         self.finished = True
         self._ctx.workspace.clear()  # the step's scratch (hundreds of MB for a large dictionary)
+        self._release_memory()
         self.save_checkpoint()
         return self._finish()
 
