@@ -66,9 +66,11 @@ def saelab_lib(d: int, n: int, k: int, steps: int, batch: int,
         state["t"].train_step(x)
 
     def recon(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = state["t"]
-        z = t.sae.encode((x * t.scale).to(t.sae.W_dec.dtype))
-        return (t.sae.decode(z) / t.scale).float(), z.float()
+        if "sae" not in state:  # after the timed steps: end the run as Trainer.run() does
+            state["sae"] = state["t"].end()  # (the input scale folded in; scratch memory freed)
+        sae = state["sae"]
+        z = sae.encode(x)
+        return sae.decode(z), z
 
     return step, recon
 
