@@ -144,6 +144,8 @@ def test_training_reuses_freed_memory_and_gives_it_back(toy) -> None:
     with pytest.raises(OSError, match="disk gone"):
         t.run()
     assert t.step == 3 and memory._users == 0
+    # a run that would need more than half the available memory goes without
+    assert not memory.retain(footprint_bytes=10**15) and memory._users == 0
 
 
 def test_input_scale_is_stored_and_folded(toy, tmp_path) -> None:

@@ -329,8 +329,11 @@ class Trainer:
                                  jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)
         self._t0, self._tokens_at_t0 = time.perf_counter(), self.step * self.cfg.batch_size
         if self.device.type == "cpu" and not self._retaining:
-            memory.retain()  # reuse each step's freed blocks instead of faulting in fresh pages
-            self._retaining = True
+            # Reuse each step's freed blocks instead of faulting in fresh pages, where there is
+            # room: parameters, gradients and Adam's moments, and two dense [batch, n] buffers.
+            params = sum(p.numel() * p.element_size() for p in self.sae.parameters())
+            footprint = 4 * params + 2 * 4 * self.cfg.batch_size * self.n
+            self._retaining = memory.retain(footprint)
         self._elapsed_before = self.elapsed
         return False
 
