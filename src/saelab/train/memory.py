@@ -45,9 +45,10 @@ def _libc() -> ctypes.CDLL | None:
 def available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is none)."""
     try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
