@@ -128,8 +128,19 @@ def test_training_reuses_freed_memory_and_gives_it_back(toy) -> None:
     before, kept, after = (int(v) for v in out)
     assert before > 15_000 and after > 15_000  # 16,384 4-KiB pages faulted in again
     assert kept < 1_000
+    import gc
+
+    gc.collect()  # trainers of earlier tests that never ended give theirs back when collected
+    assert memory._users == 0
     _, x, _ = toy
     train_sae(x, architecture="topk", k=3, n_latents=64, tokens=2_000, batch_size=256, progress=False)
+    assert memory._users == 0
+    begun = Trainer(MatrixSource(x), TrainConfig(architecture="topk", k=3, n_latents=64, tokens=2_000,
+                                                 batch_size=256, progress=False))
+    begun.begin()
+    assert memory._users == 1
+    del begun  # begun, never ended, dropped
+    gc.collect()
     assert memory._users == 0
 
     class Broken(MatrixSource):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ class Trainer:
         self.finished = False
         self.last_checkpoint_step: int | None = None
         self.data_parallel = 1  # processes sharing each batch (DistributedTrainer)
-        self._retaining = False  # holding memory.retain() for this run
+        self._retaining: weakref.finalize | None = None  # releases this run's memory.retain()
 
     def _make_optimizer(self) -> None:
         """Adam over the SAE's parameters, each as one contiguous tensor. The encoder is kept
@@ -310,9 +311,9 @@ class Trainer:
         return self.end()
 
     def _release_memory(self) -> None:
-        if self._retaining:
-            self._retaining = False
-            memory.release()
+        if self._retaining is not None:
+            self._retaining()  # a finalizer runs once, here or when the trainer is collected
+            self._retaining = None
 
     def begin(self) -> bool:
         """Resume from the checkpoint or initialise from the data; True if already finished."""
@@ -328,12 +329,13 @@ class Trainer:
         self._ctx = TrainContext(aux_k_coefficient=self.cfg.aux_k_coefficient,
                                  jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)
         self._t0, self._tokens_at_t0 = time.perf_counter(), self.step * self.cfg.batch_size
-        if self.device.type == "cpu" and not self._retaining:
+        if self.device.type == "cpu" and self._retaining is None:
             # Reuse each step's freed blocks instead of faulting in fresh pages, where there is
             # room: parameters, gradients and Adam's moments, and two dense [batch, n] buffers.
             params = sum(p.numel() * p.element_size() for p in self.sae.parameters())
             footprint = 4 * params + 2 * 4 * self.cfg.batch_size * self.n
-            self._retaining = memory.retain(footprint)
+            if memory.retain(footprint):
+                self._retaining = weakref.finalize(self, memory.release)
         self._elapsed_before = self.elapsed
         return False
 
