@@ -82,7 +82,9 @@ def _gather_dot(W: Tensor, indices: Tensor, g: Tensor) -> Tensor:
     B, kk = indices.shape
     d = W.shape[1]
     out = torch.empty(indices.shape, dtype=g.dtype, device=g.device)
-    step = B if W.device.type != "cpu" else max(1, GATHER_CHUNK_ELEMENTS // (kk * d))
+    # a GPU (without Triton) wants larger blocks; 64 MiB of float32 still bounds the temporary
+    chunk = GATHER_CHUNK_ELEMENTS if W.device.type == "cpu" else 16 * GATHER_CHUNK_ELEMENTS
+    step = max(1, chunk // (kk * d))
     for s in range(0, B, step):
         idx = indices[s : s + step]
         rows = W.index_select(0, idx.reshape(-1)).view(idx.shape[0], kk, d)
