@@ -18,8 +18,8 @@ GPU the same formula holds for its memory (bf16 parameters halve the first three
 a smaller batch shrinks the last). Writes benchmarks/train_memory.{json,md}.
 
 Runs are measured with SAELAB_KEEP_FREED_MEMORY=0: a CPU run whose footprint is under half
-the available memory also keeps freed blocks between steps (faster, about a quarter more
-peak RSS); one near the budget goes without, as measured here.
+the available memory also keeps freed blocks between steps (faster, 4-21% more
+peak RSS at 16k-65k latents); one near the budget goes without, as measured here.
 """
 
 from __future__ import annotations

@@ -3,13 +3,15 @@
 Each TopK step allocates and frees the same large tensors (gradients of 2 x n x d, the
 sparse products' outputs, a bfloat16 copy of the encoder). glibc serves blocks this large
 with ``mmap`` and gives them back to the kernel on ``free``, so every step pays the page
-faults of touching fresh memory again: about 13% of a mixed-precision step at 24,576 x 768
-on a 2-core CPU. PyTorch's CPU tuning guide answers this with jemalloc or tcmalloc; the
+faults of touching fresh memory again: measured at 24,576 x 768 on a 2-core CPU, 7% of a
+float32 step and 20% of a bf16-matmul step (1.05 -> 0.98 s and 0.48 -> 0.38 s). PyTorch's
+CPU tuning guide answers this with jemalloc or tcmalloc; the
 same effect needs no extra library: for the length of the run, glibc is told to serve large
 blocks from its heap (``M_MMAP_MAX = 0``) and not to trim it (``M_TRIM_THRESHOLD``), so a
 freed block is reused by the next step. On the last run's end the defaults come back and
-``malloc_trim`` returns the memory. Peak RSS grows (by about a quarter at 65,536 latents), so
-a run whose footprint is more than half the available memory goes without.
+``malloc_trim`` returns the memory. Peak RSS grows (4-21% at 16,384-65,536 latents in
+benchmarks/train_memory.py), so a run whose footprint is more than half the available memory
+goes without.
 
 Nothing happens off glibc (macOS, musl) or with ``SAELAB_KEEP_FREED_MEMORY=0``.
 """
@@ -56,8 +58,8 @@ def available_bytes() -> int | None:
 
 def retain(footprint_bytes: int = 0) -> bool:
     """Start keeping freed memory, if a run of about ``footprint_bytes`` leaves room for it:
-    kept blocks that a later allocation cannot reuse raise the peak (by about a quarter at
-    65,536 latents), so a run that needs more than half the available memory goes without.
+    kept blocks that a later allocation cannot reuse raise the peak (by 4-21% at 16k-65k
+    latents), so a run that needs more than half the available memory goes without.
     True if retained (then release() must follow; the calls are counted)."""
     global _users
     with _lock:
