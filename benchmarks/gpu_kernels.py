@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from saelab.activations.source import MatrixSource
-from saelab.config import TrainConfig
 from saelab.sae import triton_kernels
 from saelab.sae.kernels import sparse_decode
+from saelab.train.config import TrainConfig
 from saelab.train.trainer import Trainer
 
 D, K, BATCH = 768, 32, 4096

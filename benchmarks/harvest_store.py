@@ -49,8 +49,10 @@ def rss_of(code: str) -> tuple[float, dict[str, float]]:
 
 
 def harvest_speed(tokens: int, repeats: int) -> dict:
-    from saelab.activations.harvest import first_tokens, harvest, open_model, text_batches
+    from saelab.activations.harvest import first_tokens, harvest
     from saelab.config import HarvestConfig
+    from saelab.data.text import text_batches
+    from saelab.models import open_model
 
     lm = open_model("smollm2-135m", "cpu")
     hook, block = "blocks.6.hook_resid_post", 6
@@ -166,7 +168,7 @@ with tempfile.TemporaryDirectory() as d:
     train = f"""
 import tempfile
 from saelab.activations.store import ActivationStore
-from saelab.config import TrainConfig
+from saelab.train.config import TrainConfig
 from saelab.train.trainer import Trainer
 s = ActivationStore({str(args.store)!r}, verify=False)
 with tempfile.TemporaryDirectory() as d:

@@ -39,7 +39,7 @@ CODE = """
 import torch, time
 from pathlib import Path
 from saelab.activations.source import MatrixSource
-from saelab.config import TrainConfig
+from saelab.train.config import TrainConfig
 from saelab.train.trainer import Trainer
 torch.manual_seed(0)
 x = torch.randn({batch} * 3, {d})

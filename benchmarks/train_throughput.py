@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from saelab.activations.source import MatrixSource
-from saelab.config import TrainConfig
+from saelab.train.config import TrainConfig
 from saelab.train.trainer import Trainer
 
 HERE = Path(__file__).parent

@@ -55,8 +55,9 @@ end
 
 def build(tokens: int, atlas: Path) -> dict:
     from saelab.analyse.atlas import build_atlas
-    from saelab.config import AtlasConfig, SAEConfig
+    from saelab.config import AtlasConfig
     from saelab.sae.base import create
+    from saelab.sae.config import SAEConfig
 
     sae_dir = ROOT / "runs" / "bench-65k-sae"
     sae = create(

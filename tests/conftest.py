@@ -35,8 +35,9 @@ def small_atlas(tmp_path_factory, smollm):
     from helpers import write_corpus
 
     from saelab.analyse.atlas import build_atlas
-    from saelab.config import AtlasConfig, SAEConfig
+    from saelab.config import AtlasConfig
     from saelab.sae.base import create
+    from saelab.sae.config import SAEConfig
 
     root = tmp_path_factory.mktemp("atlas")
     corpus = write_corpus(root / "corpus", n_docs=24, words=70)
@@ -58,7 +59,8 @@ def trained_sae(tmp_path_factory, smollm):
     """A TopK SAE (4x, k = 16) trained for real on SmolLM2 blocks.3.hook_resid_post, streamed
     from the model over 120k tokens of the Python sources (about half a minute)."""
     from saelab.activations.harvest import ModelStream
-    from saelab.config import TextConfig, TrainConfig
+    from saelab.config import TextConfig
+    from saelab.train.config import TrainConfig
     from saelab.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("trained") / "sae"

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from saelab.config import SAEConfig
 from saelab.sae.base import SAE, create
+from saelab.sae.config import SAEConfig
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from helpers import assert_one_line_error, run_cli
 
-from saelab.activations.harvest import text_batches
 from saelab.activations.hooks import run_hooked, unembedding
 from saelab.analyse import atlas as atlas_mod
 from saelab.analyse.atlas import build_atlas
 from saelab.analyse.atlasdb import Atlas
 from saelab.analyse.explain import auto_label
+from saelab.data.text import text_batches
 from saelab.sae.base import SAE
 from saelab.view.export import export_html
 

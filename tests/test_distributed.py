@@ -14,8 +14,8 @@ from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
 from saelab.activations.source import MatrixSource
-from saelab.config import TrainConfig
 from saelab.data.toy import ToyDataConfig, make_toy_data
+from saelab.train.config import TrainConfig
 from saelab.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -90,4 +90,4 @@ def test_distributed_flags_need_torchrun(acts, tmp_path):
     assert_one_line_error(run_cli("train", "--acts", x, "--distributed", "--out", str(tmp_path / "b")),
                           "torchrun")
     proc = torchrun(2, "--latent-shards", "2", "--arch", "relu", "--acts", x, "--out", str(tmp_path / "c"))
-    assert proc.returncode != 0 and "latent sharding is for TopK" in proc.stderr
+    assert proc.returncode != 0 and "latent sharding is for topk SAEs, not relu" in proc.stderr

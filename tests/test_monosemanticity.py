@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 import saelab.lm.train as lm_train
 from saelab.analyse.atlasdb import Atlas
 from saelab.analyse.split import families
-from saelab.config import LMConfig, SAEConfig
+from saelab.config import LMConfig
 from saelab.lm.train import train_lm
 from saelab.sae.base import create
+from saelab.sae.config import SAEConfig
 from saelab.studies.monosemanticity import MonosemanticityConfig, run_study, token_concentration
 from saelab.view.server import serve_atlases
 

@@ -18,7 +18,8 @@ D, N, K = 24, 96, 4
 
 def make(arch: str, seed: int = 0) -> SAE:
     torch.manual_seed(seed)
-    cfg = SAEConfig(architecture=arch, d_in=D, n_latents=N, k=K if "topk" in arch else None)
+    extra = {"k": K} if "topk" in arch else {"bandwidth": 2.0} if arch == "jumprelu" else {}
+    cfg = SAEConfig(architecture=arch, d_in=D, n_latents=N, **extra)
     sae = create(cfg)
     with torch.no_grad():  # non-trivial biases so every path is exercised
         for _name, p in sae.named_parameters():
@@ -165,8 +166,7 @@ def test_autocast_runs_only_the_encoder_matmul_in_bfloat16() -> None:
 def test_gradients_reach_every_learned_parameter(arch: str) -> None:
     sae = make(arch)
     x = torch.randn(256, D) * 2
-    ctx = TrainContext(sparsity_coefficient=0.1, aux_k_coefficient=1 / 32, k_aux=D // 2,
-                       dead_mask=torch.rand(N) < 0.5, jumprelu_bandwidth=2.0)
+    ctx = TrainContext(sparsity_coefficient=0.1, dead_mask=torch.rand(N) < 0.5)
     out = sae.training_forward(x, ctx)
     out.loss.backward()
     for name, p in sae.named_parameters():
@@ -194,7 +194,7 @@ def test_save_load_round_trip_in_saelens_layout(arch: str, tmp_path) -> None:
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["d_in"] == D and cfg["d_sae"] == N
     assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
-    assert cfg["saelab"]["architecture"] == arch and cfg["saelab"]["format_version"] == 1
+    assert cfg["saelab"]["sae"]["architecture"] == arch and cfg["saelab"]["format_version"] == 2
     tensors = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
     assert tensors["W_enc"].shape == (D, N) and tensors["W_dec"].shape == (N, D)
     assert tensors["b_dec"].shape == (D,)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import assert_one_line_error, run_cli
 
-from saelab.activations.harvest import text_batches
 from saelab.activations.hooks import replaced, run_hooked
 from saelab.config import TextConfig
+from saelab.data.text import text_batches
 from saelab.steer import Edit, attribute, generate, next_token_logprobs, steering_fn
 
 pytestmark = pytest.mark.slow

@@ -16,9 +16,10 @@ import pytest
 import torch
 from helpers import assert_one_line_error, run_cli, write_corpus
 
-from saelab.activations.harvest import ModelStream, activations, harvest, text_batches
+from saelab.activations.harvest import ModelStream, activations, harvest
 from saelab.activations.store import ActivationStore, open_store
 from saelab.config import HarvestConfig, TextConfig
+from saelab.data.text import text_batches
 from saelab.errors import InputError, SaelabError
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.3.mlp.hook_post"]

@@ -14,9 +14,10 @@ from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
 from saelab.activations.source import MatrixSource
-from saelab.config import TrainConfig
 from saelab.data.toy import ToyDataConfig, make_toy_data
-from saelab.train.sweep import cell_name, cells, fit_scaling_law, predict, run_sweep
+from saelab.eval.scaling import fit_scaling_law, predict, run_sweep
+from saelab.train.config import TrainConfig
+from saelab.train.sweep import cell_name, cells
 from saelab.train.trainer import Trainer
 
 

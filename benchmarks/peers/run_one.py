@@ -42,7 +42,7 @@ def adam_lr(n: int) -> float:
 def saelab_lib(d: int, n: int, k: int, steps: int, batch: int,
                matmul_dtype: str | None = None) -> tuple[Any, Any]:
     from saelab.activations.source import MatrixSource
-    from saelab.config import TrainConfig
+    from saelab.train.config import TrainConfig
     from saelab.train.trainer import Trainer
 
     state: dict[str, Any] = {}

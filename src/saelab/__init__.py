@@ -17,10 +17,11 @@
 
 __version__ = "0.4.0"
 
-from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import InputError, SaelabError, TrainingDiverged
 from saelab.sae import SAE, create
+from saelab.sae.config import SAEConfig
 from saelab.train import train_sae
+from saelab.train.config import TrainConfig
 
 # Heavier pieces (transformers) load on first use, so `import saelab` stays quick.
 _LAZY = {

@@ -35,8 +35,9 @@ def _train_source(args: argparse.Namespace, drop_nonfinite: bool) -> tuple[Any, 
     if not (args.model and args.hook):
         raise InputError("say where activations come from: --acts FILE_OR_STORE, or --model M --hook H "
                          "[--corpus C] to stream them from the model")
-    from saelab.activations.harvest import ModelStream, open_model
+    from saelab.activations.harvest import ModelStream
     from saelab.config import TextConfig, build
+    from saelab.models import open_model
 
     text = build(TextConfig, **{k: v for k, v in {
         "corpus": args.corpus, "context_length": args.context_length}.items() if v is not None})
@@ -46,37 +47,34 @@ def _train_source(args: argparse.Namespace, drop_nonfinite: bool) -> tuple[Any, 
 
 
 def _train(args: argparse.Namespace) -> int:
-    from saelab.config import TrainConfig, from_args
     from saelab.eval.metrics import evaluate_reconstruction
+    from saelab.flags import from_args
+    from saelab.train.config import TrainConfig
     from saelab.train.trainer import Trainer
 
     cfg = from_args(TrainConfig, args)
     source, names = _train_source(args, cfg.drop_nonfinite)
     cfg = from_args(TrainConfig, args, **{k: v for k, v in names.items() if getattr(cfg, k) is None})
-    rank = 0
-    if args.distributed:
-        from saelab.train.distributed import DistributedTrainer, init_from_env
+    from saelab.parallel import SINGLE, Communicator, init_from_env
 
-        rank, world, device = init_from_env()
+    comm: Communicator = SINGLE
+    if args.distributed:
+        comm, device = init_from_env(args.latent_shards)
         cfg = cfg.model_copy(update={"device": str(device)})
-        trainer: Trainer = DistributedTrainer(source, cfg, args.out, latent_shards=args.latent_shards)
-        where = f" on {world} processes ({world // args.latent_shards} data-parallel x " \
-                f"{args.latent_shards} latent shards)"
-    else:
-        if args.latent_shards != 1:
-            from saelab.errors import InputError
+    elif args.latent_shards != 1:
+        from saelab.errors import InputError
 
-            raise InputError("--latent-shards needs --distributed (under torchrun)")
-        trainer, where = Trainer(source, cfg, args.out), ""
-    if rank == 0:
-        print(f"training {cfg.architecture} SAE on {source.describe()}{where} -> {args.out}", file=sys.stderr)
-    t0 = time.perf_counter()
-    sae = trainer.run()
-    if args.distributed:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    if rank != 0:
+        raise InputError("--latent-shards needs --distributed (under torchrun)")
+    try:
+        trainer = Trainer(source, cfg, args.out, comm=comm)
+        if comm.is_main:
+            print(f"training {cfg.architecture} SAE on {source.describe()}{comm.describe()} -> {args.out}",
+                  file=sys.stderr)
+        t0 = time.perf_counter()
+        sae = trainer.run()
+    finally:
+        comm.close()
+    if not comm.is_main:
         return 0
     rows = min(source.n_rows, 100_000)
     m = evaluate_reconstruction(sae, source.rows(8192, limit=rows))
@@ -88,17 +86,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from saelab.activations.source import open_source
-    from saelab.config import TrainConfig, from_args
-    from saelab.train.sweep import describe, parse_grid, run_sweep
+    from saelab.eval.scaling import describe, run_sweep
+    from saelab.flags import from_args
+    from saelab.train.config import TrainConfig
+    from saelab.train.sweep import grid_axes, parse_grid
 
-    grid = {
-        "architecture": parse_grid(args.grid_architecture, str),
-        "n_latents": parse_grid(args.grid_n_latents, int),
-        "expansion_factor": parse_grid(args.grid_expansion_factor, float),
-        "k": parse_grid(args.grid_k, int),
-        "l1_coefficient": parse_grid(args.grid_l1_coefficient, float),
-        "l0_coefficient": parse_grid(args.grid_l0_coefficient, float),
-    }
+    grid = {key: parse_grid(getattr(args, f"grid_{key}"), cast) for key, cast in grid_axes().items()}
     source = open_source(args.acts, drop_nonfinite=bool(args.drop_nonfinite))
     names = {k: v for k, v in {"model_name": getattr(source, "model_name", None),
                                "hook_name": getattr(source, "hook_name", None)}.items() if v}
@@ -173,10 +166,10 @@ def _eval_acts(args: argparse.Namespace, sae: Any) -> int:
 
 
 def _eval_splice(args: argparse.Namespace, sae: Any) -> int:
-    from saelab.activations.harvest import open_model
     from saelab.config import TextConfig, build
     from saelab.errors import InputError
     from saelab.eval.splice import splice_eval
+    from saelab.models import open_model
 
     hook = args.hook or sae.cfg.hook_name
     if args.hook and sae.cfg.hook_name and args.hook != sae.cfg.hook_name:
@@ -212,7 +205,8 @@ def _eval_splice(args: argparse.Namespace, sae: Any) -> int:
 def _harvest(args: argparse.Namespace) -> int:
     from saelab.activations.harvest import harvest
     from saelab.activations.store import open_store
-    from saelab.config import HarvestConfig, from_args
+    from saelab.config import HarvestConfig
+    from saelab.flags import from_args
 
     cfg = from_args(HarvestConfig, args)
     t0 = time.perf_counter()
@@ -227,7 +221,8 @@ def _harvest(args: argparse.Namespace) -> int:
 
 def _atlas(args: argparse.Namespace) -> int:
     from saelab.analyse.atlas import build_atlas
-    from saelab.config import AtlasConfig, from_args
+    from saelab.config import AtlasConfig
+    from saelab.flags import from_args
 
     cfg = from_args(AtlasConfig, args)
     r = build_atlas(args.sae_dir, cfg, args.out)
@@ -274,8 +269,9 @@ def _run_server(app: Any, host: str, port: int, log_level: str = "warning") -> N
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from saelab.config import DemoConfig, from_args
+    from saelab.config import DemoConfig
     from saelab.demo import run_demo
+    from saelab.flags import from_args
 
     preset = DemoConfig.quick() if args.quick else {}
     unset = {k: v for k, v in preset.items() if getattr(args, k, None) is None}
@@ -312,10 +308,9 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 48
 
 
 def _steer(args: argparse.Namespace) -> int:
-    from saelab.activations.harvest import open_model
     from saelab.errors import InputError
-    from saelab.eval.splice import check_sae_fits
-    from saelab.sae.base import SAE
+    from saelab.models import open_model
+    from saelab.sae.base import SAE, check_sae_fits
     from saelab.steer import Edit, generate
 
     given = (("clamp", args.clamp), ("scale", args.scale), ("add", args.add))
@@ -373,7 +368,8 @@ def _toy(args: argparse.Namespace) -> int:
 
 
 def _lm_train(args: argparse.Namespace) -> int:
-    from saelab.config import LMConfig, from_args
+    from saelab.config import LMConfig
+    from saelab.flags import from_args
     from saelab.lm.train import train_lm
 
     cfg = from_args(LMConfig, args)
@@ -462,16 +458,11 @@ def nested(sub: Any, name: str, help: str, description: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     from saelab import __version__
-    from saelab.config import (
-        ARCHITECTURES,
-        AtlasConfig,
-        DemoConfig,
-        HarvestConfig,
-        LMConfig,
-        TrainConfig,
-        add_arguments,
-    )
+    from saelab.config import AtlasConfig, DemoConfig, HarvestConfig, LMConfig
+    from saelab.flags import add_arguments
     from saelab.studies.monosemanticity import MonosemanticityConfig
+    from saelab.train.config import TrainConfig
+    from saelab.train.sweep import grid_help
 
     parser = argparse.ArgumentParser(
         prog="saelab", description="Sparse autoencoders on neural-network activations.")
@@ -485,8 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acts", type=Path, default=None,
                    help="activation store folder, or a .npy / .safetensors matrix")
     p.add_argument("--out", required=True, type=Path, help="output folder (SAE, checkpoint, metrics.jsonl)")
-    p.add_argument("--arch", dest="architecture", choices=ARCHITECTURES, default=None,
-                   help="SAE architecture [default: topk]")
     s = p.add_argument_group("streaming from a model instead of --acts")
     s.add_argument("--model", default=None, help="model (alias, HF folder or .gguf)")
     s.add_argument("--hook", default=None, help="hook point, e.g. blocks.6.hook_resid_post")
@@ -499,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--latent-shards", type=int, default=1, metavar="S",
                    help="split the latents over S processes (TopK); the other factor of the process count "
                    "is data parallel [default: 1]")
-    add_arguments(p, TrainConfig, exclude={"architecture"}, group_title="training options")
+    add_arguments(p, TrainConfig, group_title="training options (the architecture's settings name the "
+                  "architectures that have them)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sweep", help="train a grid of SAEs on one pass over the data",
@@ -514,13 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-acts", type=Path, default=None,
                    help="held-out activations to measure on [default: the first rows of --acts]")
     p.add_argument("--eval-rows", type=int, default=100_000, help="rows to measure on [default: 100000]")
-    for key, what in (("architecture", "architectures, e.g. relu,topk"),
-                      ("n-latents", "dictionary sizes, e.g. 1024,2048,4096"),
-                      ("expansion-factor", "dictionary sizes as multiples of d_in, e.g. 2,4,8"),
-                      ("k", "k values (topk, batchtopk), e.g. 16,32,64"),
-                      ("l1-coefficient", "L1 coefficients (relu, gated), e.g. 1,3,6"),
-                      ("l0-coefficient", "L0 coefficients (jumprelu)")):
-        p.add_argument(f"--grid-{key}", default=None, metavar="A,B,…", help=what)
+    g = p.add_argument_group("the grid (each a comma-separated list; every combination is one SAE)")
+    for key, what in grid_help().items():
+        g.add_argument(f"--grid-{key.replace('_', '-')}", dest=f"grid_{key}", default=None, metavar="A,B,…",
+                       help=what)
     add_arguments(p, TrainConfig, group_title="training options (every SAE; a --grid-* value wins)")
     p.set_defaults(func=_sweep)
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saelab.config import AtlasConfig, DemoConfig, HarvestConfig, TextConfig, TrainConfig
+from saelab.config import AtlasConfig, DemoConfig, HarvestConfig, TextConfig
 from saelab.io import atomic_write_json
 from saelab.models import LoadedModel
+from saelab.train.config import TrainConfig
 
 RECORD = "demo.json"
 
@@ -94,11 +95,12 @@ class _Record:
 
 def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] | None = None) -> DemoResult:
     """Run (or reuse) every stage for ``cfg`` under ``out``; returns what each made."""
-    from saelab.activations.harvest import harvest, open_model
+    from saelab.activations.harvest import harvest
     from saelab.activations.source import open_source
     from saelab.activations.store import read_manifest
     from saelab.analyse.atlas import build_atlas
     from saelab.eval.splice import splice_eval
+    from saelab.models import open_model
     from saelab.sae.base import SAE
     from saelab.train.trainer import Trainer
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from saelab.data.text import WindowFormat
+from saelab.device import resolve_device
 from saelab.errors import InputError
 from saelab.io import cache_dir
 
@@ -193,3 +194,8 @@ def load_model(name: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         n_layers=int(getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer),
         causal=causal,
     )
+
+
+def open_model(name: str, device: str = "auto") -> LoadedModel:
+    """:func:`load_model` on a device named as the CLI names it (auto, cpu, cuda[:N])."""
+    return load_model(name, device=resolve_device(device))

@@ -27,18 +27,13 @@ from saelab.activations.hooks import hook_width, parse_hook, run_hooked
 from saelab.activations.source import rebatch
 from saelab.activations.store import StoreWriter, is_store, read_manifest
 from saelab.config import HarvestConfig, TextConfig
-from saelab.data.text import Corpus, Split, TokenBatch, token_batches
+from saelab.data.text import Split, TokenBatch, text_batches
 from saelab.errors import InputError
-from saelab.models import LoadedModel, load_model
-from saelab.train.trainer import resolve_device
+from saelab.models import LoadedModel, open_model
 
 # Settings a resumed harvest must share with the run it continues.
 _FIXED = ("model", "hook_name", "d_in", "corpus", "split", "context_length", "keep_special",
           "heldout_fraction", "text_field", "dtype")
-
-
-def open_model(name: str, device: str = "auto") -> LoadedModel:
-    return load_model(name, device=resolve_device(device))
 
 
 def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
@@ -47,14 +42,6 @@ def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
     dup = {h for h in hooks if hooks.count(h) > 1}
     if dup:
         raise InputError(f"hook point(s) given twice: {', '.join(sorted(dup))}")
-
-
-def text_batches(lm: LoadedModel, text: TextConfig, split: Split, skip_windows: int = 0,
-                 batch_size: int | None = None) -> Iterator[TokenBatch]:
-    corpus = Corpus(text.corpus, text.text_field, text.heldout_fraction)
-    return token_batches(corpus, lm.tokenizer, text.context_length, batch_size or text.batch_size,
-                         lm.window_format(), split, keep_special=text.keep_special,
-                         skip_windows=skip_windows)
 
 
 def activations(lm: LoadedModel, hooks: list[str], batch: TokenBatch) -> dict[str, Tensor]:

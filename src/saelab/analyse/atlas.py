@@ -44,16 +44,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab import __version__
-from saelab.activations.harvest import open_model, text_batches
 from saelab.activations.hooks import residual_directions, run_hooked, unembedding
 from saelab.analyse.atlasdb import ATLAS_FORMAT_VERSION, AtlasWriter, pack_page
 from saelab.analyse.explain import Explainer, auto_label
 from saelab.config import AtlasConfig, TextConfig
+from saelab.data.text import text_batches
 from saelab.errors import InputError
-from saelab.eval.splice import check_sae_fits, splice_eval
+from saelab.eval.splice import splice_eval
 from saelab.io import atomic_torch_save
-from saelab.models import LoadedModel
-from saelab.sae.base import SAE, WEIGHTS_FILENAME
+from saelab.models import LoadedModel, open_model
+from saelab.sae.base import SAE, WEIGHTS_FILENAME, check_sae_fits
 
 HIST_LOG10 = (-3.0, 3.0, 48)  # activation histogram: 48 log-spaced bins from 1e-3 to 1e3
 DENSITY_LOG10 = (-7.0, 0.0, 28)  # global histogram of log10 feature density

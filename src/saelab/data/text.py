@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,10 @@ from torch import Tensor
 from saelab.data.npm import PACKAGES as NPM_CORPORA
 from saelab.data.npm import npm_corpus_files
 from saelab.errors import InputError
+
+if TYPE_CHECKING:  # the model and its config come later in the pipeline; only their types are named
+    from saelab.config import TextConfig
+    from saelab.models import LoadedModel
 
 Split = Literal["train", "heldout", "all"]
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -325,3 +329,12 @@ def token_batches(corpus: Corpus, tokenizer: Any, context_length: int, batch_siz
             if fmt.end_id is not None:
                 content[torch.arange(len(rows)), lengths - 1] = False
         yield TokenBatch(ids, attn, content)
+
+
+def text_batches(lm: LoadedModel, text: TextConfig, split: Split, skip_windows: int = 0,
+                 batch_size: int | None = None) -> Iterator[TokenBatch]:
+    """The windows of ``text``'s corpus (one split) as ``lm`` tokenises them."""
+    corpus = Corpus(text.corpus, text.text_field, text.heldout_fraction)
+    return token_batches(corpus, lm.tokenizer, text.context_length, batch_size or text.batch_size,
+                         lm.window_format(), split, keep_special=text.keep_special,
+                         skip_windows=skip_windows)

@@ -16,16 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from saelab.sae.base import fvu  # noqa: F401  (the one definition, shared with the trainer's log)
+
 DENSE_THRESHOLD = 0.1
 RECOVERED_COS = 0.9
-
-
-def fvu(x: Tensor, recon: Tensor) -> float:
-    """FVU of one batch: Σ‖x − x̂‖² / Σ‖x − x̄‖² (x̄ the batch mean)."""
-    x64, r64 = x.double(), recon.double()
-    err = (x64 - r64).pow(2).sum()
-    total = (x64 - x64.mean(0)).pow(2).sum()
-    return float(err / total.clamp_min(1e-30))
 
 
 def mmcs(decoder: Tensor, true_features: Tensor) -> tuple[float, float]:

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.activations.harvest import first_tokens, text_batches
-from saelab.activations.hooks import hook_width, run_hooked
+from saelab.activations.harvest import first_tokens
+from saelab.activations.hooks import run_hooked
 from saelab.config import TextConfig
-from saelab.data.text import TokenBatch
+from saelab.data.text import TokenBatch, text_batches
 from saelab.errors import InputError
 from saelab.eval.metrics import ReconstructionAccumulator
 from saelab.models import LoadedModel
-from saelab.sae.base import SAE
+from saelab.sae.base import SAE, check_sae_fits
 
 CONDITIONS = ("spliced", "zero", "mean")
 
@@ -66,15 +66,6 @@ def recovered(ce_clean: float, ce_patched: float, ce_ablated: float) -> float:
     """(CE_ablated − CE_patched) / (CE_ablated − CE_clean): 1 = as good as clean, 0 = as bad
     as the ablation."""
     return (ce_ablated - ce_patched) / (ce_ablated - ce_clean)
-
-
-def check_sae_fits(sae: SAE, lm: LoadedModel, hook: str) -> None:
-    width = hook_width(lm.model, hook)
-    if width != sae.d_in:
-        raise InputError(
-            f"the SAE reads d_in = {sae.d_in} but {lm.name} {hook} is {width} wide; pass the hook "
-            "(and model) the SAE was trained on"
-        )
 
 
 def _pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:

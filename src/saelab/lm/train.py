@@ -29,11 +29,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saelab.config import FORMAT_VERSION, LMConfig
+from saelab.config import LMConfig
 from saelab.data.text import Corpus, Split
+from saelab.device import resolve_device
 from saelab.errors import InputError
 from saelab.io import atomic_torch_save, atomic_write, atomic_write_json
-from saelab.train.trainer import resolve_device
+
+LM_FORMAT_VERSION = 1
+"""Version of the LM run folder (checkpoint.pt, lm.json)."""
 
 SPECIAL = "<|endoftext|>"  # BOS, EOS (between documents) and padding, as in GPT-2
 TOKENIZER = "tokenizer.json"
@@ -220,7 +223,7 @@ def train_lm(cfg: LMConfig, out: str | Path) -> LMResult:
     def save_checkpoint() -> None:
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                            "history": history, "train_seconds": train_s,
-                           "format_version": FORMAT_VERSION}, ckpt)
+                           "format_version": LM_FORMAT_VERSION}, ckpt)
 
     tokens_per_step = cfg.batch_size * cfg.context_length
     model.train()
@@ -260,7 +263,7 @@ def train_lm(cfg: LMConfig, out: str | Path) -> LMResult:
     model.half().float()  # the saved model is float16: measure what users will load
     held = heldout_loss(model, held_ids, cfg, eos, device)
     info = {
-        "format_version": FORMAT_VERSION,
+        "format_version": LM_FORMAT_VERSION,
         "config": cfg.model_dump(),
         "heldout_loss": held,
         "heldout_loss_float32_weights": history[-1]["heldout_loss"],

@@ -1,20 +1,13 @@
-"""The dictionary models. One file per architecture over :mod:`saelab.sae.base`."""
+"""The dictionary models: a shared base and one module per architecture, each holding the
+architecture's config and its SAE. Importing a module registers both, so the import of the
+architecture modules below is the registry: a new architecture is its module and its name there."""
 
-from saelab.sae.base import SAE, ForwardOutput, TrainContext, create
-from saelab.sae.batchtopk import BatchTopKSAE
-from saelab.sae.gated import GatedSAE
-from saelab.sae.jumprelu import JumpReluSAE
-from saelab.sae.relu import ReluSAE
-from saelab.sae.topk import TopKSAE
+from saelab.sae import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (the registry)
+from saelab.sae.arch import ArchConfig
+from saelab.sae.base import SAE, Codes, ForwardOutput, TrainContext, create
+from saelab.sae.config import SAEConfig
 
-__all__ = [
-    "SAE",
-    "BatchTopKSAE",
-    "ForwardOutput",
-    "GatedSAE",
-    "JumpReluSAE",
-    "ReluSAE",
-    "TopKSAE",
-    "TrainContext",
-    "create",
-]
+ARCHITECTURES: tuple[str, ...] = tuple(ArchConfig.registry)
+
+__all__ = ["ARCHITECTURES", "SAE", "ArchConfig", "Codes", "ForwardOutput", "SAEConfig", "TrainContext",
+           "create"]

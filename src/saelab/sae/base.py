@@ -1,12 +1,19 @@
-"""The shared SAE base: encode → sparse latents → decode, and the on-disk format.
+"""The shared SAE base: encode → sparse latents → decode, the shared training loss, and the
+on-disk format.
 
     x̂ = z @ W_dec + b_dec,   z = f((x − b_dec) @ W_enc + b_enc)
 
-Every architecture subclasses :class:`SAE`, names itself with ``architecture``, and
-implements ``encode`` (inference latents) and ``training_forward`` (its loss). Saving
-writes the SAELens layout: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc``
-[d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc`` [d_sae], ``b_dec`` [d_in] (and
-``threshold`` / gated parameters where they apply), so a saved folder loads in SAELens.
+Every architecture is one module: its config (an :class:`~saelab.sae.arch.ArchConfig`) and an
+:class:`SAE` subclass that names itself with ``architecture`` and implements ``encode``
+(inference latents), ``training_codes`` (the batch's latents in training) and, where it has
+them, ``auxiliary_losses``. The base writes the rest of the loss once: the decode, the
+reconstruction error, the weighted sum, and which latents fired. Saving writes the SAELens
+layout: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc`` [d_in, d_sae], ``W_dec``
+[d_sae, d_in], ``b_enc`` [d_sae], ``b_dec`` [d_in] (and ``threshold`` / gated parameters where
+they apply), so a saved folder loads in SAELens.
+
+Shapes are named in suffixes where indexing is heavy: ``B`` rows, ``K`` active latents per row,
+``N`` latents, ``D`` input width.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import ValidationError
@@ -22,9 +29,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from saelab.config import FORMAT_VERSION, SAEConfig, validation_message
+from saelab.activations.hooks import hook_width
+from saelab.config_base import FORMAT_VERSION, validation_message
 from saelab.errors import InputError
 from saelab.io import atomic_save_safetensors, atomic_write_json
+from saelab.parallel import SINGLE, Communicator
+from saelab.sae.config import SAEConfig, migrate_sae_v1
+from saelab.sae.kernels import sparse_decode
+
+if TYPE_CHECKING:
+    from saelab.models import LoadedModel
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -44,19 +58,47 @@ class ForwardOutput(NamedTuple):
 
 @dataclass
 class TrainContext:
-    """Per-step knobs the trainer hands to ``training_forward``."""
+    """What the training loop knows at a step and hands to ``training_forward``; each
+    architecture's own knobs are in its config (``sae.cfg.sae``)."""
 
-    sparsity_coefficient: float = 0.0  # λ (L1 / L0), already warmed up
-    aux_k_coefficient: float = 0.0
-    k_aux: int = 0
-    dead_mask: Tensor | None = None  # [n_latents] bool
-    jumprelu_bandwidth: float = 0.05
+    sparsity_coefficient: float = 0.0  # λ (L1 / L0) at this step, already warmed up
+    dead_mask: Tensor | None = None  # [n_latents] bool: latents that have not fired for long
     workspace: dict[str, Tensor] = field(default_factory=dict)  # scratch kept across steps
+    comm: Communicator = SINGLE  # the other processes of the run (none by default)
+
+
+@dataclass
+class Codes:
+    """A training batch's latents, sparse (``values_BK`` at ``indices_BK``) or dense
+    (``dense_BN``), with whatever else the architecture's auxiliary losses need."""
+
+    values_BK: Tensor | None = None
+    indices_BK: Tensor | None = None
+    dense_BN: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 def squared_error(x: Tensor, recon: Tensor) -> Tensor:
     """Mean over rows of ‖x − x̂‖² (summed over features): the reconstruction loss."""
     return (x - recon).pow(2).sum(-1).mean()
+
+
+def fvu(x: Tensor, recon: Tensor) -> float:
+    """FVU of one batch: Σ‖x − x̂‖² / Σ‖x − x̄‖² (x̄ the batch mean)."""
+    x64, r64 = x.double(), recon.double()
+    err = (x64 - r64).pow(2).sum()
+    total = (x64 - x64.mean(0)).pow(2).sum()
+    return float(err / total.clamp_min(1e-30))
+
+
+def check_sae_fits(sae: SAE, lm: LoadedModel, hook: str) -> None:
+    """Refuse a model hook whose width is not the SAE's input width."""
+    width = hook_width(lm.model, hook)
+    if width != sae.d_in:
+        raise InputError(
+            f"the SAE reads d_in = {sae.d_in} but {lm.name} {hook} is {width} wide; pass the hook "
+            "(and model) the SAE was trained on"
+        )
 
 
 class SAE(nn.Module):
@@ -68,6 +110,10 @@ class SAE(nn.Module):
     """Whether decoder rows are kept at unit norm during training (else their norm
     enters the sparsity penalty)."""
     encoder_bias_names: ClassVar[tuple[str, ...]] = ("b_enc",)
+    latent_sharding: ClassVar[bool] = False
+    """Whether the latents can be split over processes (``--latent-shards``)."""
+    latent_dims: ClassVar[dict[str, int | None]] = {"W_enc": 1, "b_dec": None}
+    """Which dimension of each parameter or buffer indexes the latents (None: none); 0 if unlisted."""
     registry: ClassVar[dict[str, type[SAE]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -118,14 +164,56 @@ class SAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec
 
+    def sparse_decode(self, values_BK: Tensor, indices_BK: Tensor) -> Tensor:
+        """Σ values · W_dec[indices] per row, without b_dec (touches only the k latents)."""
+        return sparse_decode(values_BK, indices_BK, self.W_dec)
+
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction x̂ of ``x`` (any leading shape, last dim d_in)."""
         self.check_input(x)
         return self.decode(self.encode(x.to(self.W_dec.dtype)))
 
-    def training_forward(self, x: Tensor, ctx: TrainContext) -> ForwardOutput:
-        """Reconstruction and loss on a [B, d_in] batch (inputs already normalised)."""
+    # ----------------------------------------------------------------- training
+    def training_codes(self, x: Tensor, ctx: TrainContext) -> Codes:
+        """The latents of a [B, d_in] training batch (inputs already normalised)."""
         raise NotImplementedError
+
+    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+                         ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
+        """The architecture's terms beyond the reconstruction error: name -> (weight, value)."""
+        return {}
+
+    def decode_codes(self, codes: Codes, ctx: TrainContext) -> Tensor:
+        """x̂ from a batch's codes (summed over the latent shards)."""
+        if codes.dense_BN is not None:
+            return self.decode(codes.dense_BN)
+        assert codes.values_BK is not None and codes.indices_BK is not None
+        partial = sparse_decode(codes.values_BK, codes.indices_BK, self.W_dec)
+        return ctx.comm.sum_shards(partial) + ctx.comm.shard_bias(self.b_dec)
+
+    def firing(self, codes: Codes, ctx: TrainContext) -> tuple[Tensor, Tensor]:
+        """(latents of this shard that fired in the batch [n] bool, mean active latents per row)."""
+        if codes.dense_BN is not None:
+            active_BN = codes.dense_BN > 0
+            return active_BN.any(0), active_BN.sum(-1).float().mean()
+        assert codes.values_BK is not None and codes.indices_BK is not None
+        on_BK = codes.values_BK > 0
+        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=on_BK.device)
+        fired[codes.indices_BK[on_BK]] = True
+        return fired, ctx.comm.sum_shards_(on_BK.sum(-1).float()).mean()
+
+    def training_forward(self, x: Tensor, ctx: TrainContext) -> ForwardOutput:
+        """Reconstruction and loss on a [B, d_in] batch (inputs already normalised):
+        ‖x − x̂‖² plus the architecture's weighted auxiliary terms."""
+        codes = self.training_codes(x, ctx)
+        recon = self.decode_codes(codes, ctx)
+        mse = squared_error(x, recon)
+        loss, terms = mse, {"mse": mse.detach()}
+        for name, (weight, value) in self.auxiliary_losses(x, recon, codes, ctx).items():
+            loss = loss + weight * value
+            terms[name] = value.detach()
+        fired, l0 = self.firing(codes, ctx)
+        return ForwardOutput(recon, loss, terms, fired, l0)
 
     def check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:
@@ -137,7 +225,8 @@ class SAE(nn.Module):
     # ----------------------------------------------------------------- initialisation
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Random unit-norm decoder rows, W_enc = W_decᵀ, zero biases."""
+        """Random decoder rows of the architecture's initial norm (unit by default), W_enc = W_decᵀ,
+        zero biases."""
         w = torch.randn(self.n_latents, self.d_in, generator=generator, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec.copy_(w)
@@ -145,6 +234,10 @@ class SAE(nn.Module):
         for name in self.encoder_bias_names:
             getattr(self, name).zero_()
         self.b_dec.zero_()
+        norm = self.cfg.sae.initial_decoder_norm(self.d_in, self.n_latents)
+        if norm != 1.0:
+            self.W_dec.mul_(norm)
+            self.W_enc.mul_(norm)
 
     # ----------------------------------------------------------------- decoder norms
     def decoder_norms(self) -> Tensor:
@@ -224,7 +317,12 @@ class SAE(nn.Module):
                 "hook_layer": _hook_layer(cfg.hook_name),
                 "hook_head_index": None,
             },
+            **self.saelens_fields(),
         }
+
+    def saelens_fields(self) -> dict[str, Any]:
+        """The architecture's own top-level cfg.json fields that SAELens reads."""
+        return {}
 
     def save(self, path: str | Path) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` into folder ``path``.
@@ -294,6 +392,8 @@ def _sae_config_from_json(raw: dict[str, Any], where: Path) -> SAEConfig:
                     f"{where} has format_version {version!r}; this saelab reads up to "
                     f"{FORMAT_VERSION}: upgrade saelab"
                 )
+            if version < 2:
+                ours = migrate_sae_v1(ours)
             fields = {k: v for k, v in ours.items() if k in SAEConfig.model_fields}
             return SAEConfig(**fields)
         arch = _FROM_SAELENS.get(raw.get("architecture", "standard"))
@@ -302,12 +402,12 @@ def _sae_config_from_json(raw: dict[str, Any], where: Path) -> SAEConfig:
                 f"{where}: SAELens architecture {raw.get('architecture')!r} is not supported "
                 f"(supported: {', '.join(_FROM_SAELENS)})"
             )
-        meta = raw.get("meta") or {}
+        meta = raw.get("metadata") or raw.get("meta") or {}
         return SAEConfig(
             architecture=arch,  # type: ignore[arg-type]
             d_in=raw["d_in"],
             n_latents=raw["d_sae"],
-            k=raw.get("k") if arch == "topk" else None,
+            **({"k": raw["k"]} if arch == "topk" and raw.get("k") is not None else {}),
             dtype=raw.get("dtype", "float32"),
             hook_name=meta.get("hook_name", raw.get("hook_name")),
             model_name=meta.get("model_name", raw.get("model_name")),

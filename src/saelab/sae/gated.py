@@ -9,11 +9,20 @@ ReLU(π_gate) through a frozen copy of the decoder so the gate learns to reconst
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
-from saelab.config import SAEConfig
-from saelab.sae.base import SAE, ForwardOutput, TrainContext, squared_error
+from saelab.sae.base import SAE, Codes, TrainContext, squared_error
+from saelab.sae.config import SAEConfig
+from saelab.sae.relu import L1Config
+
+
+class GatedConfig(L1Config):
+    """Gated: separate gate and magnitude paths over shared directions, L1 on the gate."""
+
+    architecture: Literal["gated"] = "gated"
 
 
 class GatedSAE(SAE):
@@ -37,18 +46,13 @@ class GatedSAE(SAE):
         gate, mag = self._paths(x)
         return (gate > 0) * mag.relu()
 
-    def training_forward(self, x: Tensor, ctx: TrainContext) -> ForwardOutput:
-        gate, mag = self._paths(x)
-        active = gate > 0
-        z = active * mag.relu()
-        recon = self.decode(z)
-        mse = squared_error(x, recon)
-        gate_acts = gate.relu()
-        l1 = (gate_acts * self.decoder_norms()).sum(-1).mean()
-        aux = squared_error(x, gate_acts @ self.W_dec.detach() + self.b_dec.detach())
-        loss = mse + ctx.sparsity_coefficient * l1 + aux
-        active = z > 0
-        return ForwardOutput(
-            recon, loss, {"mse": mse.detach(), "l1": l1.detach(), "gate_aux": aux.detach()},
-            active.any(0), active.sum(-1).float().mean(),
-        )
+    def training_codes(self, x: Tensor, ctx: TrainContext) -> Codes:
+        gate_BN, mag_BN = self._paths(x)
+        return Codes(dense_BN=(gate_BN > 0) * mag_BN.relu(), extras={"gate_BN": gate_BN})
+
+    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+                         ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
+        gate_acts_BN = codes.extras["gate_BN"].relu()
+        l1 = (gate_acts_BN * self.decoder_norms()).sum(-1).mean()
+        aux = squared_error(x, gate_acts_BN @ self.W_dec.detach() + self.b_dec.detach())
+        return {"l1": (ctx.sparsity_coefficient, l1), "gate_aux": (1.0, aux)}

@@ -6,13 +6,26 @@ around the threshold gives the pseudo-derivatives ∂/∂θ."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from saelab.config import SAEConfig
-from saelab.sae.base import SAE, ForwardOutput, TrainContext, squared_error
+from saelab.sae.arch import PenaltyConfig
+from saelab.sae.base import SAE, Codes, TrainContext
+from saelab.sae.config import SAEConfig
+
+
+class JumpReluConfig(PenaltyConfig):
+    """JumpReLU: a learned threshold per latent, an L0 penalty through straight-through estimators."""
+
+    architecture: Literal["jumprelu"] = "jumprelu"
+    penalty_field = "l0_coefficient"
+    name_field = ("l0_coefficient", "c")
+    l0_coefficient: float = Field(default=0.05, ge=0, description="L0 penalty coefficient λ.")
+    bandwidth: float = Field(default=0.05, gt=0, description="Straight-through estimator kernel width ε.")
+    init_threshold: float = Field(default=0.1, gt=0, description="Initial per-latent threshold θ.")
 
 
 def _kernel(u: Tensor) -> Tensor:
@@ -54,14 +67,13 @@ class JumpReluSAE(SAE):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        # Set by init_weights (from the training config) or by loading saved weights.
+        # Set by init_weights (from the config) or by loading saved weights.
         self.log_threshold = nn.Parameter(torch.zeros(cfg.n_latents, dtype=self.W_dec.dtype))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         super().init_weights(generator)
-        init = float(self.cfg.train.get("jumprelu_init_threshold", 0.1))
-        self.log_threshold.fill_(math.log(init))
+        self.log_threshold.fill_(math.log(self.cfg.sae.init_threshold))  # type: ignore[attr-defined]
 
     @property
     def threshold(self) -> Tensor:
@@ -71,19 +83,17 @@ class JumpReluSAE(SAE):
         pre = self.pre_activations(x)
         return pre.relu() * (pre > self.threshold)
 
-    def training_forward(self, x: Tensor, ctx: TrainContext) -> ForwardOutput:
-        pre = self.pre_activations(x)
+    def training_codes(self, x: Tensor, ctx: TrainContext) -> Codes:
+        pre_BN = self.pre_activations(x)
         theta = self.threshold
-        z = _JumpReLU.apply(pre.relu(), theta, ctx.jumprelu_bandwidth)
-        recon = self.decode(z)
-        mse = squared_error(x, recon)
-        l0_penalty = _Step.apply(pre, theta, ctx.jumprelu_bandwidth).sum(-1).mean()
-        loss = mse + ctx.sparsity_coefficient * l0_penalty
-        active = z > 0
-        return ForwardOutput(
-            recon, loss, {"mse": mse.detach(), "l0_penalty": l0_penalty.detach()},
-            active.any(0), active.sum(-1).float().mean(),
-        )
+        z_BN = _JumpReLU.apply(pre_BN.relu(), theta, self.cfg.sae.bandwidth)  # type: ignore[attr-defined]
+        return Codes(dense_BN=z_BN, extras={"pre_BN": pre_BN, "theta": theta})
+
+    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+                         ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
+        steps_BN = _Step.apply(codes.extras["pre_BN"], codes.extras["theta"],
+                               self.cfg.sae.bandwidth)  # type: ignore[attr-defined]
+        return {"l0_penalty": (ctx.sparsity_coefficient, steps_BN.sum(-1).mean())}
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         out = super().saelens_tensors()

@@ -1,35 +1,40 @@
 """TopK SAE (Gao et al. 2024): keep the k largest pre-activations of each row (ReLU'd),
 decode through only those k latents, and revive dead latents with the AuxK loss — the
-residual x − x̂ reconstructed by the top ``k_aux`` dead latents, weighted by α = 1/32."""
+residual x − x̂ reconstructed by the top ``k_aux`` dead latents, weighted by α = 1/32.
+
+Its latents can be split over processes (``--latent-shards``): each shard takes its local
+top-k, the communicator picks the global top-k among them and sums the partial decodes."""
 
 from __future__ import annotations
 
-import torch
+from typing import Any, Literal
+
 from torch import Tensor
 
-from saelab.sae.base import SAE, ForwardOutput, TrainContext, squared_error
+from saelab.sae.arch import KSparseConfig
+from saelab.sae.base import SAE, Codes, TrainContext, squared_error
 from saelab.sae.kernels import dense_from_sparse, sparse_decode, topk_encode
 
 
-def aux_k_loss(
-    x: Tensor, recon: Tensor, aux_values: Tensor | None, aux_indices: Tensor | None,
-    W_dec: Tensor,
-) -> Tensor:
+class TopKConfig(KSparseConfig):
+    """TopK: exactly k active latents per row, AuxK on the dead ones."""
+
+    architecture: Literal["topk"] = "topk"
+
+
+def aux_k_loss(x: Tensor, recon: Tensor, aux_recon: Tensor) -> Tensor:
     """‖e − ê‖² where e = x − x̂ (no gradient) and ê is decoded from the dead latents."""
-    if aux_values is None or aux_indices is None:
-        return x.new_zeros(())
-    residual = (x - recon).detach()
-    return squared_error(residual, sparse_decode(aux_values, aux_indices, W_dec))
+    return squared_error((x - recon).detach(), aux_recon)
 
 
 class TopKSAE(SAE):
     architecture = "topk"
     saelens_architecture = "topk"
+    latent_sharding = True
 
     @property
     def k(self) -> int:
-        assert self.cfg.k is not None
-        return self.cfg.k
+        return self.cfg.sae.k  # type: ignore[attr-defined,no-any-return]
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values, indices), each [..., k]: the k active latents of each row."""
@@ -52,17 +57,36 @@ class TopKSAE(SAE):
         flat = sparse_decode(values.reshape(-1, self.k), indices.reshape(-1, self.k), self.W_dec)
         return flat.reshape(x.shape) + self.b_dec
 
-    def training_forward(self, x: Tensor, ctx: TrainContext) -> ForwardOutput:
-        k_aux = min(ctx.k_aux, int(ctx.dead_mask.sum())) if ctx.dead_mask is not None else 0
+    def training_codes(self, x: Tensor, ctx: TrainContext) -> Codes:
+        k_aux = self.cfg.sae.resolved_k_aux(self.d_in)  # type: ignore[attr-defined]
+        if ctx.dead_mask is None:
+            k_aux = 0
+        elif k_aux > 0:
+            n_dead = ctx.comm.sum_shards_(ctx.dead_mask.sum().reshape(1))
+            k_aux = min(k_aux, int(n_dead))
         codes = topk_encode(
             x - self.b_dec, self.enc_rows, self.b_enc, self.k,
-            ctx.dead_mask if k_aux > 0 else None, k_aux, ctx.workspace,
+            ctx.dead_mask if k_aux > 0 else None, min(k_aux, self.n_latents), ctx.workspace,
         )
-        recon = sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_dec
-        mse = squared_error(x, recon)
-        aux = aux_k_loss(x, recon, codes.aux_values, codes.aux_indices, self.W_dec)
-        loss = mse + ctx.aux_k_coefficient * aux
-        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device)
-        fired[codes.indices[codes.values > 0]] = True
-        l0 = (codes.values > 0).sum(-1).float().mean()
-        return ForwardOutput(recon, loss, {"mse": mse.detach(), "auxk": aux.detach()}, fired, l0)
+        values_BK = codes.values
+        chosen = ctx.comm.select_top(values_BK, self.k)
+        if chosen is not None:
+            values_BK = values_BK * chosen
+        extras = {}
+        if k_aux > 0 and codes.aux_values is not None and codes.aux_indices is not None:
+            aux_chosen = ctx.comm.select_top(codes.aux_values, k_aux)
+            extras = {"aux_values_BK": codes.aux_values if aux_chosen is None
+                      else codes.aux_values * aux_chosen, "aux_indices_BK": codes.aux_indices}
+        return Codes(values_BK, codes.indices, extras=extras)
+
+    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+                         ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
+        if "aux_values_BK" in codes.extras:
+            decoded = sparse_decode(codes.extras["aux_values_BK"], codes.extras["aux_indices_BK"], self.W_dec)
+            aux = aux_k_loss(x, recon, ctx.comm.sum_shards(decoded))
+        else:
+            aux = x.new_zeros(())
+        return {"auxk": (self.cfg.sae.aux_k_coefficient, aux)}  # type: ignore[attr-defined]
+
+    def saelens_fields(self) -> dict[str, Any]:
+        return {"k": self.k}

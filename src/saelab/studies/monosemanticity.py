@@ -35,19 +35,22 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from saelab.activations.harvest import harvest, open_model, text_batches
+from saelab.activations.harvest import harvest
 from saelab.activations.hooks import run_hooked
 from saelab.activations.source import open_source
 from saelab.analyse.atlas import build_atlas
 from saelab.analyse.atlasdb import Atlas, add_relatives
 from saelab.analyse.explain import show_token
 from saelab.analyse.split import Family, families, relatives
-from saelab.config import AtlasConfig, HarvestConfig, SAEConfig, TextConfig, TrainConfig, _Config, build
+from saelab.config import AtlasConfig, HarvestConfig, TextConfig, _Config, build
+from saelab.data.text import text_batches
+from saelab.eval.scaling import run_sweep
 from saelab.eval.splice import splice_eval
 from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text
-from saelab.models import LoadedModel
+from saelab.models import LoadedModel, open_model
 from saelab.sae.base import SAE, create
-from saelab.train.sweep import run_sweep
+from saelab.sae.config import SAEConfig
+from saelab.train.config import TrainConfig
 
 NEURONS = "neurons"
 
@@ -257,10 +260,10 @@ def run_study(cfg: MonosemanticityConfig, out: str | Path) -> dict[str, Any]:
 
     _say(cfg, f"[2/5] training {len(cfg.architectures) * len(cfg.sizes)} dictionaries in one pass")
     t = time.perf_counter()
+    # The base carries the L1 family's settings; k is an axis of one value, for the TopK cells.
     base = build(
         TrainConfig,
-        architecture=cfg.architectures[0],
-        k=cfg.k,
+        architecture="relu",
         l1_coefficient=cfg.l1_coefficient,
         lr=cfg.lr,
         batch_size=cfg.batch_size,
@@ -276,7 +279,8 @@ def run_study(cfg: MonosemanticityConfig, out: str | Path) -> dict[str, Any]:
     sweep = run_sweep(
         source,
         base,
-        {"architecture": cfg.architectures, "expansion_factor": cfg.sizes},
+        {"architecture": cfg.architectures, "expansion_factor": cfg.sizes,
+         **({"k": [cfg.k]} if "topk" in cfg.architectures else {})},
         out / "sweep",
         eval_source=held,
         eval_rows=cfg.heldout_rows,

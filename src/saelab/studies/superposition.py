@@ -17,10 +17,11 @@ from typing import Any
 from pydantic import Field
 
 from saelab.activations.source import MatrixSource
-from saelab.config import TrainConfig, _Config, build
+from saelab.config import _Config, build
 from saelab.data.toy import ToyData, ToyDataConfig, make_toy_data
 from saelab.eval.metrics import evaluate_reconstruction, mmcs
 from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_text
+from saelab.train.config import TrainConfig
 from saelab.train.trainer import Trainer
 
 GOOD_MMCS = 0.99

@@ -1,69 +1,91 @@
 """Many SAEs per pass over the data: a grid of training runs sharing every batch.
 
-One reader feeds every SAE of the grid (dictionary size × k, or × sparsity coefficient)
-the same batch in turn, so a sweep reads its data once, whatever the grid's size. Every
-cell is an ordinary :class:`~saelab.train.trainer.Trainer` with its own folder, checkpoint
-and metrics log, so a cell trained in a sweep is bit-identical to the same cell trained
-alone, and a killed sweep resumes each cell from its own checkpoint.
+One reader feeds every SAE of the grid (dictionary size × k, or × sparsity coefficient, or ×
+any other setting of an architecture) the same batch in turn, so a sweep reads its data once,
+whatever the grid's size. Every cell is an ordinary :class:`~saelab.train.trainer.Trainer`
+with its own folder, checkpoint and metrics log, so a cell trained in a sweep is bit-identical
+to the same cell trained alone, and a killed sweep resumes each cell from its own checkpoint.
 
-After training each SAE is measured (FVU, L0, dead and dense fractions) and the sweep writes
-``sweep.csv``, the reconstruction-sparsity frontier ``frontier.png`` and, for a TopK grid
-with at least two dictionary sizes and two k, the fit of the TopK paper's scaling law
-``scaling.json`` / ``scaling.png``::
-
-    log L(N, K) = α + β_k log K + β_n log N + γ log K log N
-
-where L is the normalised MSE (FVU), N the number of latents and K the sparsity.
+The axes a grid may vary are derived from the configs: the architecture, the dictionary size,
+and every numeric setting of the architectures (``k``, ``l1_coefficient``, ...). The settings
+that decide which batches a cell reads (batch size, seed, tokens) are the same for every cell.
+Measuring the cells, the frontier and the scaling-law fit are in :mod:`saelab.eval.scaling`.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from saelab.activations.source import ActivationSource
-from saelab.config import TrainConfig, build
+from saelab.config import build
+from saelab.config_base import scalar_type
 from saelab.errors import InputError
-from saelab.eval.metrics import evaluate_reconstruction
-from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_json
+from saelab.sae import SAE
+from saelab.sae.arch import ArchConfig, arch_settings, config_class
+from saelab.train.config import TrainConfig
 from saelab.train.trainer import Trainer
 
-GRID_KEYS = ("architecture", "n_latents", "expansion_factor", "k", "l1_coefficient", "l0_coefficient")
-"""What a sweep may vary: every cell must read the same batches (batch size, seed, tokens)."""
+SHARED_AXES: dict[str, type] = {"architecture": str, "n_latents": int, "expansion_factor": float}
+"""The axes every architecture has."""
 
 
-@dataclass
-class SweepResult:
-    rows: list[dict[str, Any]]
-    csv: Path
-    frontier: Path
-    scaling: dict[str, Any] | None
+def grid_axes() -> dict[str, type]:
+    """What a sweep may vary, with the type of its values."""
+    axes = dict(SHARED_AXES)
+    for name, fields in arch_settings().items():
+        typ, choices = scalar_type(next(iter(fields.values())).annotation)
+        if typ in (int, float) and choices is None:
+            axes[name] = typ
+    return axes
+
+
+def grid_help() -> dict[str, str]:
+    """The ``--grid-*`` help line of each axis."""
+    settings = arch_settings()
+    out = {"architecture": f"architectures, e.g. relu,topk (of {', '.join(ArchConfig.registry)})",
+           "n_latents": "dictionary sizes, e.g. 1024,2048,4096",
+           "expansion_factor": "dictionary sizes as multiples of d_in, e.g. 2,4,8"}
+    for name in grid_axes():
+        if name not in out:
+            out[name] = f"values of {name} ({', '.join(settings[name])})"
+    return out
 
 
 def cells(base: TrainConfig, grid: dict[str, Sequence[Any]]) -> list[TrainConfig]:
-    """Every combination of the grid's values over ``base``."""
-    bad = sorted(set(grid) - set(GRID_KEYS))
+    """Every combination of the grid's values over ``base``. An axis that is not a setting of a
+    cell's architecture (k for relu, the L1 coefficient for topk) does not apply to that cell."""
+    axes = grid_axes()
+    bad = sorted(set(grid) - set(axes))
     if bad:
-        raise InputError(f"a sweep can vary {', '.join(GRID_KEYS)}, not {', '.join(bad)}")
-    keys = [k for k in GRID_KEYS if grid.get(k)]
+        raise InputError(f"a sweep can vary {', '.join(axes)}, not {', '.join(bad)}")
+    keys = [k for k in axes if grid.get(k)]
     for k in keys:
         if len(set(grid[k])) != len(grid[k]):
             raise InputError(f"two cells of the grid are the same SAE: {k} lists a value twice; give each "
                              "value once")
+    archs = list(grid.get("architecture") or [base.architecture])
+    for arch in archs:
+        try:
+            config_class(arch)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    for k in keys:
+        if k not in SHARED_AXES and not any(k in config_class(a).model_fields for a in archs):
+            raise InputError(f"--grid-{k.replace('_', '-')} is a setting of "
+                             f"{', '.join(arch_settings()[k])}, not of the architectures swept "
+                             f"({', '.join(archs)})")
     out, seen = [], set()
     for values in itertools.product(*(grid[k] for k in keys)):
-        cfg = build(TrainConfig, **{**base.model_dump(), **dict(zip(keys, values, strict=True))})
-        # An axis that does not apply to a cell's architecture (k for relu, the L1
-        # coefficient for topk) would repeat that cell: keep one of each.
-        key = (cfg.architecture, cfg.n_latents, cfg.expansion_factor,
-               cfg.k if _coefficient(cfg) is None else _coefficient(cfg))
+        point = dict(zip(keys, values, strict=True))
+        cls = config_class(point.get("architecture", base.architecture))
+        applies = {k: v for k, v in point.items() if k in SHARED_AXES or k in cls.model_fields}
+        cfg = build(TrainConfig, **{**base.model_dump(), **applies})
+        key = (cfg.n_latents, cfg.expansion_factor, repr(sorted(cfg.sae.model_dump().items())))
         if key not in seen:
             seen.add(key)
             out.append(cfg)
@@ -72,32 +94,27 @@ def cells(base: TrainConfig, grid: dict[str, Sequence[Any]]) -> list[TrainConfig
     return out
 
 
-def _coefficient(cfg: TrainConfig) -> float | None:
-    """The sparsity coefficient a cell varies (None for the k-sparse architectures)."""
-    if cfg.architecture in ("topk", "batchtopk"):
-        return None
-    return cfg.l0_coefficient if cfg.architecture == "jumprelu" else cfg.l1_coefficient
-
-
-def cell_name(cfg: TrainConfig, d_in: int) -> str:
+def cell_name(cfg: TrainConfig, d_in: int, varied: Sequence[str] = ()) -> str:
+    """``<architecture>-n<latents>-<tag>``: the tag is the architecture's naming setting (``k4``,
+    ``c2``), then any other of its settings the grid varies."""
     n = cfg.resolve_n_latents(d_in)
-    coef = _coefficient(cfg)
-    return f"{cfg.architecture}-n{n}-k{cfg.k}" if coef is None else f"{cfg.architecture}-n{n}-c{coef:g}"
+    parts = [cfg.architecture, f"n{n}"]
+    named = type(cfg.sae).name_field
+    if named is not None:
+        parts.append(f"{named[1]}{getattr(cfg.sae, named[0]):g}")
+    for key in varied:
+        own = key in type(cfg.sae).model_fields
+        if key not in SHARED_AXES and own and (named is None or key != named[0]):
+            parts.append(f"{key}{getattr(cfg.sae, key):g}")
+    return "-".join(parts)
 
 
-def run_sweep(
-    source: ActivationSource,
-    base: TrainConfig,
-    grid: dict[str, Sequence[Any]],
-    out: str | Path,
-    eval_source: ActivationSource | None = None,
-    eval_rows: int = 100_000,
-) -> SweepResult:
-    """Train every cell of ``grid`` on one pass over ``source`` into ``out/<cell>/``, then
-    measure each on ``eval_source`` (default: the first ``eval_rows`` rows of ``source``)."""
+def train_grid(source: ActivationSource, base: TrainConfig, grid: dict[str, Sequence[Any]],
+               out: str | Path) -> list[tuple[TrainConfig, str, SAE]]:
+    """Train every cell of ``grid`` on one pass over ``source`` into ``out/<cell>/``."""
     out = Path(out)
     configs = cells(base, grid)
-    names = [cell_name(c, source.d_in) for c in configs]
+    names = [cell_name(c, source.d_in, list(grid)) for c in configs]
     if len(set(names)) != len(names):
         raise InputError("two cells of the grid are the same SAE; give each value once")
     trainers = [Trainer(source, c.model_copy(update={"progress": False}), out / name)
@@ -119,109 +136,7 @@ def run_sweep(
                 bar.update(base.batch_size)
         finally:
             bar.close()
-    saes = [t.end() for t in trainers]
-
-    evaluated = eval_source or source
-    rows = []
-    for cfg, name, sae in zip(configs, names, saes, strict=True):
-        m = evaluate_reconstruction(sae, evaluated.rows(8192, limit=eval_rows))
-        rows.append({
-            "name": name, "architecture": cfg.architecture, "n_latents": sae.n_latents,
-            "k": cfg.k if _coefficient(cfg) is None else None,
-            "coefficient": _coefficient(cfg),
-            "tokens": steps * cfg.batch_size, **m.as_dict(),
-            "eval": "held-out" if eval_source is not None else "training rows",
-        })
-    csv_path = out / "sweep.csv"
-    atomic_write_csv(rows, csv_path)
-    frontier = out / "frontier.png"
-    plot_frontier(rows, frontier)
-    scaling = None
-    topk = [r for r in rows if r["architecture"] == "topk"]
-    if len({r["n_latents"] for r in topk}) >= 2 and len({r["k"] for r in topk}) >= 2:
-        scaling = fit_scaling_law([r["n_latents"] for r in topk], [r["k"] for r in topk],
-                                  [r["fvu"] for r in topk])
-        atomic_write_json(out / "scaling.json", scaling)
-        plot_scaling(topk, scaling, out / "scaling.png")
-    return SweepResult(rows, csv_path, frontier, scaling)
-
-
-def fit_scaling_law(n: Sequence[float], k: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
-    """Least squares of log L = α + β_k log K + β_n log N + γ log K log N."""
-    ln, lk, ll = (np.log(np.asarray(v, dtype=np.float64)) for v in (n, k, loss))
-    if len(ll) < 4:
-        raise InputError(f"the scaling law has 4 parameters; a fit needs at least 4 SAEs, got {len(ll)}")
-    a = np.stack([np.ones_like(ln), lk, ln, lk * ln], axis=1)
-    coef, *_ = np.linalg.lstsq(a, ll, rcond=None)
-    pred = a @ coef
-    ss_res = float(((ll - pred) ** 2).sum())
-    ss_tot = float(((ll - ll.mean()) ** 2).sum())
-    alpha, beta_k, beta_n, gamma = (float(c) for c in coef)
-    return {
-        "form": "log L = alpha + beta_k log K + beta_n log N + gamma log K log N  (L = FVU)",
-        "alpha": alpha, "beta_k": beta_k, "beta_n": beta_n, "gamma": gamma,
-        "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0,
-        "rms_log_residual": math.sqrt(ss_res / len(ll)),
-        "points": len(ll),
-    }
-
-
-def predict(fit: dict[str, Any], n: float, k: float) -> float:
-    ln, lk = math.log(n), math.log(k)
-    return math.exp(fit["alpha"] + fit["beta_k"] * lk + fit["beta_n"] * ln + fit["gamma"] * lk * ln)
-
-
-def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
-    """FVU against L0: one line per (architecture, dictionary size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["architecture"], r["n_latents"]), []).append(r)
-    for (arch, n), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["l0"])
-        ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], "o-" if arch == "topk" else "s--",
-                label=f"{arch}, {n:,} latents")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("FVU (normalised MSE)")
-    ax.set_title("Reconstruction-sparsity frontier")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_save_figure(fig, path)
-
-
-def plot_scaling(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> None:
-    """FVU against dictionary size, one colour per k, with the fitted law."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ns = sorted({r["n_latents"] for r in rows})
-    grid = np.geomspace(ns[0], ns[-1], 50)
-    for i, k in enumerate(sorted({r["k"] for r in rows})):
-        rs = sorted((r for r in rows if r["k"] == k), key=lambda r: r["n_latents"])
-        c = f"C{i}"
-        ax.plot([r["n_latents"] for r in rs], [r["fvu"] for r in rs], "o", color=c, label=f"k = {k}")
-        ax.plot(grid, [predict(fit, n, k) for n in grid], "-", color=c, alpha=0.6)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("latents N")
-    ax.set_ylabel("FVU")
-    ax.set_title(f"L(N, K) fit: β_n = {fit['beta_n']:.3f}, β_k = {fit['beta_k']:.3f}, "
-                 f"γ = {fit['gamma']:.3f}, R² = {fit['r2']:.3f}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_save_figure(fig, path)
+    return [(c, name, t.end()) for c, name, t in zip(configs, names, trainers, strict=True)]
 
 
 def parse_grid(text: str | None, cast: type) -> list[Any]:
@@ -234,11 +149,5 @@ def parse_grid(text: str | None, cast: type) -> list[Any]:
         raise InputError(f"could not read {text!r} as a comma-separated list of {cast.__name__}") from None
 
 
-def describe(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'SAE':<24} {'L0':>7} {'FVU':>8} {'dead':>7}"]
-    for r in rows:
-        lines.append(f"{r['name']:<24} {r['l0']:>7.1f} {r['fvu']:>8.4f} {100 * r['dead_fraction']:>6.1f}%")
-    return "\n".join(lines)
 
-
-__all__ = ["GRID_KEYS", "SweepResult", "cell_name", "cells", "fit_scaling_law", "run_sweep"]
+__all__ = ["cell_name", "cells", "grid_axes", "parse_grid", "train_grid"]

@@ -1,8 +1,13 @@
-"""The training loop, shared by every architecture.
+"""The training loop, shared by every architecture and every number of processes.
 
 Reads top to bottom: set up (or resume) → for each step: batch, forward (the architecture
 returns its loss), backward, decoder-norm constraint, Adam step, dead-latent bookkeeping,
 optional resampling, logging, checkpoint → fold the input scale and save.
+
+The loop knows nothing of any architecture: the SAE computes its loss, and its config
+(``cfg.sae``) gives the sparsity coefficient's schedule, resampling and the initial norm.
+Several processes (``torchrun``) run the same loop with a
+:class:`~saelab.parallel.TorchCommunicator`; on one process the communicator does nothing.
 
 A run with an output folder writes ``checkpoint.pt`` every ``checkpoint_every_steps`` and
 ``metrics.jsonl`` every ``log_every_steps``; re-running with the same folder resumes from
@@ -20,16 +25,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.activations.source import ActivationSource, open_source
-from saelab.config import FORMAT_VERSION, TrainConfig, build
+from saelab.config import FORMAT_VERSION, build, validation_message
+from saelab.device import resolve_device
 from saelab.errors import InputError, SaelabError, TrainingDiverged
-from saelab.eval.metrics import fvu
 from saelab.io import atomic_torch_save, atomic_write_text
-from saelab.sae.base import CFG_FILENAME, SAE, TrainContext, create
+from saelab.parallel import SINGLE, Communicator
+from saelab.sae.base import CFG_FILENAME, SAE, TrainContext, create, fvu
+from saelab.sae.config import migrate_sae_v1, migrate_train_v1
 from saelab.train import memory
+from saelab.train.config import TrainConfig
 from saelab.train.init import geometric_median, input_scale
 
 CHECKPOINT = "checkpoint.pt"
@@ -39,18 +48,6 @@ MEDIAN_SAMPLE_ROWS = 8192
 RESAMPLE_SAMPLE_ROWS = 16384
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"device", "progress", "checkpoint_every_steps", "log_every_steps"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise SaelabError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SaelabError(f"device {name!r} asked for, but this torch sees no CUDA device")
-    return dev
 
 
 def adam(params: Any, lr: float) -> torch.optim.Adam:
@@ -70,46 +67,81 @@ def default_lr(n_latents: int) -> float:
 
 class Trainer:
     """Trains one SAE on one activation source. ``run()`` returns the trained SAE with the
-    input scale folded in (it acts on raw activations)."""
+    input scale folded in (it acts on raw activations). With a ``comm`` over several
+    processes every process runs it on its share of each batch (and of the latents); the
+    main process writes the files."""
 
     def __init__(self, source: ActivationSource, cfg: TrainConfig,
-                 out_dir: str | Path | None = None) -> None:
+                 out_dir: str | Path | None = None, comm: Communicator = SINGLE) -> None:
         self.source = source
+        self.comm = comm
+        if not comm.is_main and cfg.progress:
+            cfg = cfg.model_copy(update={"progress": False})
         self.cfg = cfg
+        if cfg.batch_size % comm.dp:
+            raise InputError(f"--batch-size {cfg.batch_size} must divide evenly over {comm.dp} "
+                             "data-parallel ranks")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(cfg.device)
         self.steps = cfg.steps()
         self.sae_cfg = cfg.sae_config(source.d_in)
         self.n = self.sae_cfg.n_latents
-        self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, source.d_in // 2)
         self.lr = cfg.lr if cfg.lr is not None else default_lr(self.n)
         self.warmup = (
             cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None
             else min(1000, self.steps // 20)
         )
         self.decay_steps = int(cfg.lr_decay_fraction * self.steps)
-        self.l1_warmup = int(cfg.l1_warmup_fraction * self.steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
         self.sae: SAE = create(self.sae_cfg)
         self.sae.init_weights(self.generator)
-        if cfg.init_scale == "balanced" and not self.sae.unit_norm_decoder:
-            # Half the latents of a fresh ReLU dictionary fire: the reconstruction is about
-            # c² n / (2 d_in) x, so c² = 2 d_in / n makes it about x.
-            c = min(1.0, math.sqrt(2 * source.d_in / self.n))
-            with torch.no_grad():
-                self.sae.W_dec.mul_(c)
-                self.sae.W_enc.mul_(c)
+        if comm.ls > 1:
+            self.sae = self._latent_shard(self.sae)
         self.sae.to(self.device)
         self._make_optimizer()
-        self.tokens_since_fired = torch.zeros(self.n, dtype=torch.long, device=self.device)
+        self.tokens_since_fired = torch.zeros(self.sae.n_latents, dtype=torch.long, device=self.device)
         self.scale = 1.0
         self.step = 0
         self.elapsed = 0.0
         self.finished = False
         self.last_checkpoint_step: int | None = None
-        self.data_parallel = 1  # processes sharing each batch (DistributedTrainer)
         self._retaining: weakref.finalize | None = None  # releases this run's memory.retain()
+
+    def _latent_shard(self, full: SAE) -> SAE:
+        """This process's slice of the latents of ``full`` (``--latent-shards``)."""
+        if not full.latent_sharding:
+            able = [a for a, cls in SAE.registry.items() if cls.latent_sharding]
+            raise InputError(f"latent sharding is for {', '.join(able)} SAEs, not {full.architecture}; "
+                             "use data parallelism alone (--latent-shards 1)")
+        n_local = self.comm.local_latents(self.n)
+        try:
+            self.sae_cfg.sae.check(self.sae_cfg.d_in, n_local)
+        except ValueError as e:
+            raise InputError(f"on a latent shard of {n_local} latents: {e}") from None
+        local = create(self.sae_cfg.model_copy(update={"n_latents": n_local}))
+        local.load_state_dict(self._slice_state(full.state_dict()))
+        return local
+
+    # ------------------------------------------------------------------ latent shards
+    def _latent_dim(self, name: str) -> int | None:
+        return self.sae.latent_dims.get(name, 0)
+
+    def _slice_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: self.comm.slice_latents(t, self._latent_dim(name)) for name, t in state.items()}
+
+    def _gather_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: self.comm.gather_latents(t, self._latent_dim(name)) for name, t in state.items()}
+
+    def _optimizer_shards(self, transform: Any, opt_state: dict[str, Any]) -> dict[str, Any]:
+        """Adam's moments gathered or sliced like the parameters they belong to."""
+        names = [name for name, _ in self.sae.named_parameters()]
+        state = {
+            i: {key: transform(v, self._latent_dim(names[i])) if key != "step" else v
+                for key, v in st.items()}
+            for i, st in opt_state["state"].items()
+        }
+        return {"state": state, "param_groups": opt_state["param_groups"]}
 
     def _make_optimizer(self) -> None:
         """Adam over the SAE's parameters, each as one contiguous tensor. The encoder is kept
@@ -151,16 +183,7 @@ class Trainer:
         return self.lr * factor
 
     def sparsity_coefficient_at(self, step: int) -> float:
-        arch = self.sae_cfg.architecture
-        if arch in ("relu", "gated"):
-            base = self.cfg.l1_coefficient
-        elif arch == "jumprelu":
-            base = self.cfg.l0_coefficient
-        else:
-            return 0.0
-        if self.l1_warmup:
-            return base * min(1.0, (step + 1) / self.l1_warmup)
-        return base
+        return self.sae_cfg.sae.sparsity_coefficient(step, self.steps)
 
     # ------------------------------------------------------------------ state
     def _init_from_data(self) -> None:
@@ -176,6 +199,10 @@ class Trainer:
             self.sae.b_dec.copy_(b.to(self.sae.b_dec))
 
     def state_dict(self) -> dict[str, Any]:
+        """The whole run (every latent shard gathered: a collective on several processes)."""
+        optimizer = self._optimizer_layout(self.optimizer.state_dict(), to_params=True)
+        if self.comm.ls > 1:
+            optimizer = self._optimizer_shards(self.comm.gather_latents, optimizer)
         return {
             "format_version": FORMAT_VERSION,
             "kind": "saelab-train-checkpoint",
@@ -185,16 +212,19 @@ class Trainer:
             "train_config": self.cfg.model_dump(),
             "sae_config": self.sae_cfg.model_dump(),
             "input_scale": self.scale,
-            "model": self.sae.state_dict(),
-            "optimizer": self._optimizer_layout(self.optimizer.state_dict(), to_params=True),
-            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "model": self._gather_state(self.sae.state_dict()),
+            "optimizer": optimizer,
+            "tokens_since_fired": self.comm.gather_latents(self.tokens_since_fired, 0).cpu(),
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sae.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(self._optimizer_layout(state["optimizer"], to_params=False))
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        optimizer = state["optimizer"]
+        if self.comm.ls > 1:
+            optimizer = self._optimizer_shards(self.comm.slice_latents, optimizer)
+        self.sae.load_state_dict(self._slice_state(state["model"]))
+        self.optimizer.load_state_dict(self._optimizer_layout(optimizer, to_params=False))
+        self.tokens_since_fired.copy_(self.comm.slice_latents(state["tokens_since_fired"], 0))
         self.generator.set_state(state["generator"])
         self.scale = float(state["input_scale"])
         self.step = int(state["step"])
@@ -218,9 +248,16 @@ class Trainer:
             raise InputError(f"{path} is not a saelab training checkpoint")
         if state["format_version"] > FORMAT_VERSION:
             raise InputError(f"{path} was written by a newer saelab; upgrade to resume it")
+        if state["format_version"] < 2:
+            state = {**state, "train_config": migrate_train_v1(state["train_config"]),
+                     "sae_config": migrate_sae_v1(state["sae_config"])}
         # A setting added after the checkpoint was written counts as its default there.
-        defaults = {k: f.default for k, f in TrainConfig.model_fields.items() if not f.is_required()}
-        old, new = {**defaults, **state["train_config"]}, self.cfg.model_dump()
+        try:
+            written = TrainConfig.model_validate(state["train_config"])
+        except ValidationError as e:
+            raise InputError(f"{path} holds settings this saelab cannot read ({validation_message(e)}); "
+                             "delete it to start over") from None
+        old, new = _flat(written.model_dump()), _flat(self.cfg.model_dump())
         changed = [
             f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
             for k in sorted(set(old) | set(new))
@@ -243,8 +280,11 @@ class Trainer:
         path = self._checkpoint_path()
         if path is None:
             return
-        atomic_torch_save(self.state_dict(), path)
+        state = self.state_dict()  # a collective: every process takes part
+        if self.comm.is_main:
+            atomic_torch_save(state, path)
         self.last_checkpoint_step = self.step
+        self.comm.barrier()
 
     # ------------------------------------------------------------------ dead latents
     def dead_mask(self) -> Tensor:
@@ -255,7 +295,7 @@ class Trainer:
         """Towards Monosemanticity's resampling: dead latents restart on inputs the SAE
         reconstructs worst (sampled ∝ squared error)."""
         window = min(self.cfg.dead_after_tokens,
-                     (self.cfg.resample_every_steps or 1) * self.cfg.batch_size)
+                     (self.sae_cfg.sae.resampling_interval() or 1) * self.cfg.batch_size)
         dead = torch.nonzero(self.tokens_since_fired >= window).flatten()
         if dead.numel() == 0:
             return 0
@@ -322,12 +362,11 @@ class Trainer:
             return True
         if not resumed:
             self._init_from_data()
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.comm.is_main:
                 (self.out_dir / METRICS).unlink(missing_ok=True)
         else:
             self._truncate_log(self.step)
-        self._ctx = TrainContext(aux_k_coefficient=self.cfg.aux_k_coefficient,
-                                 jumprelu_bandwidth=self.cfg.jumprelu_bandwidth)
+        self._ctx = TrainContext(comm=self.comm)
         self._t0, self._tokens_at_t0 = time.perf_counter(), self.step * self.cfg.batch_size
         if self.device.type == "cpu" and self._retaining is None:
             # Reuse each step's freed blocks instead of faulting in fresh pages, where there is
@@ -343,7 +382,7 @@ class Trainer:
         """One optimiser step on ``batch`` (raw activations); the metrics record when this
         step logs, else None. Checkpoints on schedule."""
         cfg, sae, ctx = self.cfg, self.sae, self._ctx
-        x = batch.to(self.device, sae.W_dec.dtype, non_blocking=True)
+        x = self.comm.local_rows(batch).to(self.device, sae.W_dec.dtype, non_blocking=True)
         x = x * self.scale
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -351,16 +390,16 @@ class Trainer:
         ctx.sparsity_coefficient = self.sparsity_coefficient_at(self.step)
         dead = self.dead_mask()
         ctx.dead_mask = dead
-        ctx.k_aux = self.k_aux if cfg.aux_k_coefficient > 0 else 0
 
         with self._autocast():
-            out = self._forward(x, ctx)
+            out = sae.training_forward(x, ctx)
+        fired = self.comm.any_rank(out.fired)  # a latent fired if it fired on any rank's rows
         if not torch.isfinite(out.loss):
             self._diverged(float(out.loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
         sae.zero_grad(set_to_none=True)
         out.loss.backward()
-        self._sync_gradients()
+        self.comm.sync_gradients(sae.parameters(), sae.b_dec)
         if sae.unit_norm_decoder:
             sae.remove_parallel_gradient()
         for p, view in self._steps_as:
@@ -370,11 +409,11 @@ class Trainer:
         if sae.unit_norm_decoder:
             sae.normalize_decoder()
 
-        self.tokens_since_fired += x.shape[0] * self.data_parallel
-        self.tokens_since_fired[out.fired] = 0
+        self.tokens_since_fired += x.shape[0] * self.comm.dp
+        self.tokens_since_fired[fired] = 0
         self.step += 1
-        if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0 \
-                and self.step < self.steps:
+        every = self.sae_cfg.sae.resampling_interval()
+        if every and self.step % every == 0 and self.step < self.steps:
             self._resample_dead()
 
         record = None
@@ -396,12 +435,6 @@ class Trainer:
         enabled = low is not None and low != self.cfg.dtype
         return torch.autocast(self.device.type, dtype=getattr(torch, low or "bfloat16"),
                               enabled=enabled)
-
-    def _forward(self, x: Tensor, ctx: TrainContext) -> Any:
-        return self.sae.training_forward(x, ctx)
-
-    def _sync_gradients(self) -> None:
-        """Hook for gradient communication (DistributedTrainer); nothing on one process."""
 
     def end(self) -> SAE:
         """Mark the run finished, write the final checkpoint, save and return the SAE (for a
@@ -429,6 +462,9 @@ class Trainer:
 
     def _log(self, out: Any, x: Tensor, lr: float, coef: float, dead: Tensor,
              rate: float) -> dict[str, Any]:
+        """The metrics record (the main process's rows; the dead fraction of all latents),
+        appended to metrics.jsonl by the main process."""
+        dead = self.comm.gather_latents(dead, 0)
         record: dict[str, Any] = {
             "step": self.step,
             "tokens": self.step * self.cfg.batch_size,
@@ -442,7 +478,7 @@ class Trainer:
             "tokens_per_s": rate,
             "elapsed_s": self.elapsed,
         }
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.comm.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -450,7 +486,7 @@ class Trainer:
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from."""
-        if self.out_dir is None or not (self.out_dir / METRICS).exists():
+        if self.out_dir is None or not self.comm.is_main or not (self.out_dir / METRICS).exists():
             return
         lines = (self.out_dir / METRICS).read_text(encoding="utf-8").splitlines()
         keep = []
@@ -465,11 +501,13 @@ class Trainer:
     def _finish(self, already: bool = False) -> SAE:
         """The SAE for raw inputs: a copy with the input scale folded in, saved to out_dir."""
         final = create(self.sae_cfg).to(self.device)
-        final.load_state_dict(self.sae.state_dict())
+        final.load_state_dict(self._gather_state(self.sae.state_dict()))
         final.fold_input_scale(self.scale)
         final.cfg = self.sae_cfg.model_copy(update={"activation_norm_scale": self.scale})
-        if self.out_dir is not None and not (already and (self.out_dir / CFG_FILENAME).exists()):
+        if self.out_dir is not None and self.comm.is_main \
+                and not (already and (self.out_dir / CFG_FILENAME).exists()):
             final.save(self.out_dir)
+        self.comm.barrier()
         final.eval()
         return final
 
@@ -491,3 +529,14 @@ def train_sae(
         config = build(TrainConfig, **{**config.model_dump(), **overrides})
     source = open_source(data, drop_nonfinite=config.drop_nonfinite)
     return Trainer(source, config, out_dir).run()
+
+
+def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dump as one level: {"sae": {"k": 4}} -> {"sae.k": 4}."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -173,7 +173,7 @@ class LiveModel:
 
 def _load_live(atlas: Atlas, sae_dir: str | None, device: str, max_chars: int, max_tokens: int,
                lm: Any = None) -> LiveModel:
-    from saelab.activations.harvest import open_model
+    from saelab.models import open_model
     from saelab.sae.base import SAE
 
     path = sae_dir or atlas.meta["sae"]["path"]
