@@ -4,8 +4,9 @@
 More ground-truth features than dimensions: each feature is a random unit direction in
 R^d; each row activates a few features, feature i with probability p_i that falls off
 as a power law in i, with a uniform [0, 1] coefficient. Optionally features come in
-correlated groups (a group turns on and its members tend to fire together), and
-Gaussian noise is added. An SAE has found the features when its decoder rows match the
+correlated groups (a group turns on and its members tend to fire together), or in a
+hierarchy (a child fires only when its parent fires, at most one child of a firing
+parent), and Gaussian noise is added. An SAE has found the features when its decoder rows match the
 true directions (MMCS, see :mod:`saelab.eval.metrics`).
 """
 
@@ -17,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from saelab.config import _Config
+from saelab.config_base import Config as _Config
 
 
 class ToyDataConfig(_Config):
@@ -34,16 +35,30 @@ class ToyDataConfig(_Config):
     group_correlation: float = Field(
         default=0.5, ge=0, le=1, description="Extra firing probability of a member of an active group."
     )
+    hierarchy_parents: int = Field(
+        default=0, ge=0, description="Parent features with children of their own (0: no hierarchy); they "
+        "are the last features but their children."
+    )
+    children_per_parent: int = Field(default=4, ge=1, description="Children of each parent feature.")
+    child_probability: float = Field(
+        default=0.8, ge=0, le=1, description="When a parent fires, one of its children (uniform) fires with "
+        "this probability; a child never fires without its parent."
+    )
     noise_std: float = Field(default=0.01, ge=0, description="Std of per-coordinate Gaussian noise.")
     seed: int = Field(default=0, description="Seed for the features and the rows.")
 
     @model_validator(mode="after")
     def _check(self) -> ToyDataConfig:
-        if self.correlated_groups * self.group_size > self.n_features:
-            raise ValueError("correlated_groups * group_size exceeds n_features")
+        if self.correlated_groups * self.group_size + self.hierarchy_features > self.n_features:
+            raise ValueError("correlated_groups * group_size + hierarchy_parents * (1 + children_per_parent) "
+                             "exceeds n_features")
         if self.avg_active >= self.n_features:
             raise ValueError("avg_active must be below n_features")
         return self
+
+    @property
+    def hierarchy_features(self) -> int:
+        return self.hierarchy_parents * (1 + self.children_per_parent)
 
 
 @dataclass
@@ -51,6 +66,20 @@ class ToyData:
     features: Tensor  # [n_features, d_in], unit rows: the ground truth
     probabilities: Tensor  # [n_features] firing probability of each feature
     config: ToyDataConfig
+
+    @property
+    def parents(self) -> Tensor:
+        """Indices of the parent features [P] (empty without a hierarchy)."""
+        cfg = self.config
+        start = cfg.n_features - cfg.hierarchy_features
+        return torch.arange(start, start + cfg.hierarchy_parents)
+
+    @property
+    def children(self) -> Tensor:
+        """Indices of each parent's children [P, children_per_parent]."""
+        cfg = self.config
+        start = cfg.n_features - cfg.hierarchy_parents * cfg.children_per_parent
+        return torch.arange(start, cfg.n_features).view(cfg.hierarchy_parents, cfg.children_per_parent)
 
     def sample(self, n_rows: int, seed: int) -> tuple[Tensor, Tensor]:
         """``n_rows`` rows of data and their true coefficients [n_rows, n_features]."""
@@ -63,6 +92,14 @@ class ToyData:
             group_on = torch.rand(n_rows, cfg.correlated_groups, generator=g) < group_p.mean(1)
             joint = torch.rand(n_rows, members, generator=g) < cfg.group_correlation
             fires[:, :members] |= group_on.repeat_interleave(cfg.group_size, 1) & joint
+        if cfg.hierarchy_parents:
+            children = self.children
+            fires[:, children.flatten()] = False
+            pick = torch.randint(cfg.children_per_parent, (n_rows, cfg.hierarchy_parents), generator=g)
+            child_on = fires[:, self.parents] & (
+                torch.rand(n_rows, cfg.hierarchy_parents, generator=g) < cfg.child_probability)
+            rows, parent = child_on.nonzero(as_tuple=True)
+            fires[rows, children[parent, pick[rows, parent]]] = True
         coeffs = torch.rand(n_rows, cfg.n_features, generator=g) * fires
         x = coeffs @ self.features
         if cfg.noise_std:
