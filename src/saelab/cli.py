@@ -28,10 +28,18 @@ def _train_source(args: argparse.Namespace, drop_nonfinite: bool) -> tuple[Any, 
     if args.acts is not None:
         if args.model or args.hook:
             raise InputError("pass either --acts or --model/--hook (streaming), not both")
-        source = open_source(args.acts, drop_nonfinite=drop_nonfinite)
+        if args.target_acts is not None:
+            from saelab.activations.source import open_pairs
+
+            source = open_pairs(args.acts, args.target_acts)
+        else:
+            source = open_source(args.acts, drop_nonfinite=drop_nonfinite)
         names = {"model_name": getattr(source, "model_name", None),
-                 "hook_name": getattr(source, "hook_name", None)}
+                 "hook_name": getattr(source, "hook_name", None),
+                 "hook_name_out": getattr(source, "hook_name_out", None)}
         return source, {k: v for k, v in names.items() if v}
+    if args.target_acts is not None:
+        raise InputError("--target-acts goes with --acts (the input activations of the same rows)")
     if not (args.model and args.hook):
         raise InputError("say where activations come from: --acts FILE_OR_STORE, or --model M --hook H "
                          "[--corpus C] to stream them from the model")
@@ -141,7 +149,15 @@ def _eval_acts(args: argparse.Namespace, sae: Any) -> int:
     from saelab.errors import InputError
     from saelab.eval.metrics import evaluate_reconstruction
 
-    source = open_source(args.acts, drop_nonfinite=args.drop_nonfinite)
+    if sae.reads_pairs:
+        from saelab.activations.source import open_pairs
+
+        if args.target_acts is None:
+            raise InputError(f"{args.sae_dir} is a transcoder: give --target-acts too (the activations of "
+                             f"{sae.cfg.hook_name_out or 'its output hook'})")
+        source: Any = open_pairs(args.acts, args.target_acts)
+    else:
+        source = open_source(args.acts, drop_nonfinite=args.drop_nonfinite)
     if source.d_in != sae.d_in:
         raise InputError(
             f"{args.acts} has width {source.d_in} but the SAE in {args.sae_dir} reads d_in = "
@@ -475,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "disk). Re-running with the same --out resumes an interrupted run.")
     p.add_argument("--acts", type=Path, default=None,
                    help="activation store folder, or a .npy / .safetensors matrix")
+    p.add_argument("--target-acts", type=Path, default=None,
+                   help="for a transcoder (--arch transcoder): the activations it reconstructs, row-aligned "
+                   "with --acts (a store harvested in the same run, e.g. OUT/blocks.6.hook_mlp_out)")
     p.add_argument("--out", required=True, type=Path, help="output folder (SAE, checkpoint, metrics.jsonl)")
     s = p.add_argument_group("streaming from a model instead of --acts")
     s.add_argument("--model", default=None, help="model (alias, HF folder or .gguf)")
@@ -519,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "embedding cosine) with FVU, L0, dead and dense latents on the same tokens.")
     p.add_argument("sae_dir", type=Path, help="SAE folder (cfg.json + sae_weights.safetensors)")
     p.add_argument("--acts", type=Path, default=None, help="activation store, .npy or .safetensors")
+    p.add_argument("--target-acts", type=Path, default=None,
+                   help="with --acts, for a transcoder: the activations it reconstructs (row-aligned)")
     p.add_argument("--max-rows", type=int, default=None, help="with --acts: at most this many rows")
     p.add_argument("--batch-size", type=int, default=8192, help="with --acts: rows per batch [default: 8192]")
     p.add_argument("--drop-nonfinite", action="store_true", help="with --acts: skip rows with NaN/Inf")

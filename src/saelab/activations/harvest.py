@@ -87,7 +87,8 @@ def harvest(cfg: HarvestConfig, out: str | Path, lm: LoadedModel | None = None) 
                 "d_in": hook_width(lm.model, h), "corpus": cfg.corpus, "split": split,
                 "context_length": cfg.context_length, "keep_special": cfg.keep_special,
                 "heldout_fraction": cfg.heldout_fraction, "text_field": cfg.text_field,
-                "dtype": cfg.dtype, "saelab_version": __version__}
+                "dtype": cfg.dtype, "saelab_version": __version__,
+                **({"aligned_hooks": list(cfg.hooks)} if len(cfg.hooks) > 1 else {})}
         if is_store(d):
             old = read_manifest(d)
             diff = [f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in _FIXED if old.get(k) != meta[k]]

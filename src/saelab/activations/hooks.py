@@ -3,6 +3,8 @@
 ``blocks.{i}.hook_resid_pre``   residual stream entering block i
 ``blocks.{i}.hook_resid_post``  residual stream leaving block i
 ``blocks.{i}.hook_attn_out``    attention output (before it is added to the residual)
+``blocks.{i}.ln2.hook_normalized``  MLP input: the residual after the pre-MLP norm (a
+                                transcoder reads it and reconstructs ``hook_mlp_out``)
 ``blocks.{i}.hook_mlp_out``     MLP output (before it is added to the residual)
 ``blocks.{i}.mlp.hook_post``    MLP hidden activations after the nonlinearity (for gated
                                 MLPs act(gate) * up, the input of the down projection)
@@ -26,7 +28,8 @@ from torch import Tensor, nn
 
 from saelab.errors import InputError
 
-KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
+KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "ln2.hook_normalized", "hook_mlp_out",
+         "mlp.hook_post")
 _NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in KINDS) + r")$")
 
 
@@ -44,17 +47,19 @@ class Family:
 _RESID = {"hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
 FAMILIES = (
     Family("llama", ("model.layers", "layers"), {
-        **_RESID, "hook_attn_out": ("self_attn.o_proj", "out"), "hook_mlp_out": ("mlp", "out"),
-        "mlp.hook_post": ("mlp.down_proj", "in")}, ("model.norm", "norm")),
+        **_RESID, "hook_attn_out": ("self_attn.o_proj", "out"), "ln2.hook_normalized": ("mlp", "in"),
+        "hook_mlp_out": ("mlp", "out"), "mlp.hook_post": ("mlp.down_proj", "in")}, ("model.norm", "norm")),
     Family("gpt2", ("transformer.h", "h"), {
-        **_RESID, "hook_attn_out": ("attn.c_proj", "out"), "hook_mlp_out": ("mlp", "out"),
-        "mlp.hook_post": ("mlp.c_proj", "in")}, ("transformer.ln_f", "ln_f")),
+        **_RESID, "hook_attn_out": ("attn.c_proj", "out"), "ln2.hook_normalized": ("mlp", "in"),
+        "hook_mlp_out": ("mlp", "out"), "mlp.hook_post": ("mlp.c_proj", "in")}, ("transformer.ln_f", "ln_f")),
     Family("gpt_neox", ("gpt_neox.layers", "layers"), {
-        **_RESID, "hook_attn_out": ("attention.dense", "out"), "hook_mlp_out": ("mlp", "out"),
-        "mlp.hook_post": ("mlp.dense_4h_to_h", "in")}, ("gpt_neox.final_layer_norm", "final_layer_norm")),
+        **_RESID, "hook_attn_out": ("attention.dense", "out"), "ln2.hook_normalized": ("mlp", "in"),
+        "hook_mlp_out": ("mlp", "out"), "mlp.hook_post": ("mlp.dense_4h_to_h", "in")},
+        ("gpt_neox.final_layer_norm", "final_layer_norm")),
     Family("bert", ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), {
         **_RESID, "hook_attn_out": ("attention.output.dense", "out"),
-        "hook_mlp_out": ("output.dense", "out"), "mlp.hook_post": ("intermediate", "out")}),
+        "ln2.hook_normalized": ("intermediate", "in"), "hook_mlp_out": ("output.dense", "out"),
+        "mlp.hook_post": ("intermediate", "out")}),
 )
 
 
@@ -137,6 +142,11 @@ def hook_width(model: nn.Module, name: str) -> int:
             return int(module.in_features)
         if w is not None:  # GPT-2 Conv1D stores [in, out]
             return int(w.shape[0])
+        for child in module.modules():  # a block's input: its first projection's input
+            if isinstance(child, nn.Linear):
+                return int(child.in_features)
+            if type(child).__name__ == "Conv1D":
+                return int(child.weight.shape[0])
     for child in reversed(list(module.modules())):
         if isinstance(child, nn.Linear):
             return int(child.out_features)

@@ -146,6 +146,53 @@ class MatrixSource:
         return f"{self.name} ({self.n_rows:,} rows x {self.d_in})"
 
 
+class PairedSource:
+    """Row-aligned (input, target) activations of two hook points, for a transcoder: the
+    same rows, in the same order, of two sources of equal length. Batches, samples and
+    passes yield ``(x, y)`` pairs; both sides are shuffled by the same permutation, which the
+    two sources draw alike because it depends only on the seed and the row (and shard) counts.
+    Two stores must come from one harvest (their manifests name each other's hook as aligned)."""
+
+    def __init__(self, inputs: ActivationSource, targets: ActivationSource) -> None:
+        if inputs.n_rows != targets.n_rows:
+            raise InputError(f"the input ({inputs.describe()}) and target ({targets.describe()}) "
+                             f"activations have {inputs.n_rows:,} and {targets.n_rows:,} rows; a transcoder "
+                             "needs row-aligned pairs: harvest both hooks in one run (saelab harvest --hook "
+                             "IN --hook OUT)")
+        for side in (inputs, targets):
+            if isinstance(side, MatrixSource) and side.valid is not None:
+                raise InputError(f"{side.describe()}: dropping non-finite rows would misalign the pairs; "
+                                 "clean the rows instead")
+        aligned_in = getattr(inputs, "aligned_hooks", None)
+        aligned_out = getattr(targets, "aligned_hooks", None)
+        if aligned_in is not None or aligned_out is not None:
+            hook_in, hook_out = getattr(inputs, "hook_name", None), getattr(targets, "hook_name", None)
+            if not (aligned_in and hook_out in aligned_in and aligned_out and hook_in in aligned_out):
+                raise InputError(f"{inputs.describe()} and {targets.describe()} were not harvested together; "
+                                 "harvest both hooks in one run (saelab harvest --hook IN --hook OUT)")
+            if list(getattr(inputs, "counts", [])) != list(getattr(targets, "counts", [])):
+                raise InputError(f"{inputs.describe()} and {targets.describe()} have other shard sizes; "
+                                 "re-run their harvest")
+        self.inputs, self.targets = inputs, targets
+        self.d_in, self.d_out, self.n_rows = inputs.d_in, targets.d_in, inputs.n_rows
+        self.hook_name = getattr(inputs, "hook_name", None)
+        self.hook_name_out = getattr(targets, "hook_name", None)
+        self.model_name = getattr(inputs, "model_name", None)
+
+    def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        return zip(self.inputs.batches(batch_size, seed, start_step),  # both endless
+                   self.targets.batches(batch_size, seed, start_step), strict=False)
+
+    def sample(self, n: int, seed: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return self.inputs.sample(n, seed), self.targets.sample(n, seed)
+
+    def rows(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        return zip(self.inputs.rows(batch_size, limit), self.targets.rows(batch_size, limit), strict=True)
+
+    def describe(self) -> str:
+        return f"pairs {self.inputs.describe()} -> {self.targets.describe()}"
+
+
 def load_matrix(path: str | Path, drop_nonfinite: bool = False) -> MatrixSource:
     """Open a ``.npy`` or ``.safetensors`` activation matrix."""
     path = Path(path)
@@ -188,6 +235,12 @@ def _load_safetensors_matrix(path: Path) -> Tensor:
         raise InputError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def open_pairs(inputs: ActivationSource | Tensor | np.ndarray | str | Path,
+               targets: ActivationSource | Tensor | np.ndarray | str | Path) -> PairedSource:
+    """Row-aligned (input, target) activations, for a transcoder."""
+    return PairedSource(open_source(inputs), open_source(targets))
+
+
 def open_source(data: ActivationSource | Tensor | np.ndarray | str | Path,
                 drop_nonfinite: bool = False) -> ActivationSource:
     """Turn any supported input into an :class:`ActivationSource`."""
@@ -199,6 +252,6 @@ def open_source(data: ActivationSource | Tensor | np.ndarray | str | Path,
 
             return open_store(data)
         return load_matrix(data, drop_nonfinite=drop_nonfinite)
-    if isinstance(data, ActivationSource):
-        return data
+    if isinstance(data, (ActivationSource, PairedSource)):
+        return data  # type: ignore[return-value]
     raise InputError(f"cannot read activations from a {type(data).__name__}")

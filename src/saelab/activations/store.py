@@ -192,6 +192,8 @@ class ActivationStore:
         self.dtype = str(self.manifest["dtype"])
         self.hook_name: str | None = self.manifest.get("hook_name")
         self.model_name: str | None = self.manifest.get("model")
+        # The hooks harvested in the same pass, row for row (a transcoder's pairs).
+        self.aligned_hooks: list[str] | None = self.manifest.get("aligned_hooks")
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
         if not self.shards:
             raise InputError(f"store {self.path} lists no shards (was its harvest stopped before the "

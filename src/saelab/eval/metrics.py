@@ -97,7 +97,10 @@ def evaluate_reconstruction(sae: torch.nn.Module, batches: Iterable[Tensor]) -> 
     device = sae.W_dec.device  # type: ignore[attr-defined]
     dtype = sae.W_dec.dtype  # type: ignore[attr-defined]
     for batch in batches:
-        x = batch.to(device=device, dtype=dtype)
+        x, y = batch if isinstance(batch, tuple) else (batch, batch)  # a transcoder's (input, target)
+        x, y = x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
         z = sae.encode(x)  # type: ignore[attr-defined]
-        acc.add(x, sae.decode(z), z)  # type: ignore[attr-defined]
+        recon = sae.decode(z)  # type: ignore[attr-defined]
+        skip = sae.skip_term(x) if hasattr(sae, "skip_term") else None
+        acc.add(y, recon if skip is None else recon + skip, z)
     return acc.result()

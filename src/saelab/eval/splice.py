@@ -130,11 +130,15 @@ def splice_eval(sae: SAE, lm: LoadedModel, text: TextConfig, tokens: int = 4096,
     if not batches:
         raise InputError(f"corpus {text.corpus!r} has no held-out documents")
 
+    # A transcoder reads ``hook`` and writes its reconstruction at ``out`` (the MLP's output);
+    # an SAE reads and writes the same hook.
+    out_hook = sae.cfg.hook_name_out or hook
+    captured = [hook] if out_hook == hook else [hook, out_hook]
     # Pass 1 (only up to the hook): the mean activation for mean ablation.
-    total, count = torch.zeros(sae.d_in, dtype=torch.float64, device=dev), 0
+    total, count = torch.zeros(sae.d_target, dtype=torch.float64, device=dev), 0
     for b in batches:
-        cap, _ = run_hooked(lm.model, b.input_ids.to(dev), b.attention_mask.to(dev), capture=[hook])
-        rows = cap[hook][b.content_mask.to(dev)]
+        cap, _ = run_hooked(lm.model, b.input_ids.to(dev), b.attention_mask.to(dev), capture=[out_hook])
+        rows = cap[out_hook][b.content_mask.to(dev)]
         total += rows.double().sum(0)
         count += rows.shape[0]
     mean = (total / max(count, 1)).float()
@@ -147,18 +151,22 @@ def splice_eval(sae: SAE, lm: LoadedModel, text: TextConfig, tokens: int = 4096,
     for b in bar:
         ids, attn = b.input_ids.to(dev), b.attention_mask.to(dev)
         mask = b.content_mask.to(dev)
-        cap, clean = run_hooked(lm.model, ids, attn, capture=[hook], need_output=True)
+        cap, clean = run_hooked(lm.model, ids, attn, capture=captured, need_output=True)
         x = cap[hook][mask].to(sae.W_dec.dtype)
         z = sae.encode(x)
-        acc.add(x, sae.decode(z), z)
+        recon = sae.decode(z)
+        skip = sae.skip_term(x)
+        acc.add(cap[out_hook][mask].to(sae.W_dec.dtype), recon if skip is None else recon + skip, z)
+        inputs = cap[hook]  # the input of the replaced layer is the clean run's: nothing before it changed
         fills: dict[str, Callable[[Tensor], Tensor]] = {
-            "spliced": lambda a: sae(a),
+            "spliced": (lambda a: sae(a)) if out_hook == hook else (lambda a, inputs=inputs: sae(inputs)),
             "zero": torch.zeros_like,
             "mean": lambda a: mean.expand_as(a),
         }
         # One condition at a time, reduced at once: only the clean output is kept alongside.
         for name, fill in fills.items():
-            _, out = run_hooked(lm.model, ids, attn, replace={hook: _replace(mask, fill)}, need_output=True)
+            _, out = run_hooked(lm.model, ids, attn, replace={out_hook: _replace(mask, fill)},
+                                need_output=True)
             if lm.causal:
                 causal.add(b, clean.logits, name, out.logits)
             else:

@@ -92,13 +92,18 @@ def fvu(x: Tensor, recon: Tensor) -> float:
 
 
 def check_sae_fits(sae: SAE, lm: LoadedModel, hook: str) -> None:
-    """Refuse a model hook whose width is not the SAE's input width."""
+    """Refuse a model hook whose width is not the SAE's input width (and, for a transcoder, an
+    output hook whose width is not its output's)."""
     width = hook_width(lm.model, hook)
     if width != sae.d_in:
         raise InputError(
             f"the SAE reads d_in = {sae.d_in} but {lm.name} {hook} is {width} wide; pass the hook "
             "(and model) the SAE was trained on"
         )
+    out = sae.cfg.hook_name_out
+    if out is not None and hook_width(lm.model, out) != sae.d_target:
+        raise InputError(f"the transcoder writes d_out = {sae.d_target} but {lm.name} {out} is "
+                         f"{hook_width(lm.model, out)} wide")
 
 
 class SAE(nn.Module):
@@ -110,6 +115,11 @@ class SAE(nn.Module):
     """Whether decoder rows are kept at unit norm during training (else their norm
     enters the sparsity penalty)."""
     encoder_bias_names: ClassVar[tuple[str, ...]] = ("b_enc",)
+    reads_pairs: ClassVar[bool] = False
+    """Whether it reconstructs another hook point than it reads (a transcoder): trained on
+    row-aligned (input, target) pairs."""
+    apply_b_dec_to_input: ClassVar[bool] = True
+    """Whether the input is centred by b_dec before encoding (not when input and output differ)."""
     latent_sharding: ClassVar[bool] = False
     """Whether the latents can be split over processes (``--latent-shards``)."""
     latent_dims: ClassVar[dict[str, int | None]] = {"W_enc": 1, "b_dec": None}
@@ -129,8 +139,8 @@ class SAE(nn.Module):
         # W_enc is [d_in, n] as in SAELens, but stored so that its transpose (one row per
         # latent) is contiguous: the sparse kernels gather and scatter latent rows.
         self.W_enc = nn.Parameter(torch.zeros(n, d, dtype=dtype).t())
-        self.W_dec = nn.Parameter(torch.zeros(n, d, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(n, cfg.d_target, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_target, dtype=dtype))
         if "b_enc" in self.encoder_bias_names:
             self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype))
 
@@ -144,6 +154,11 @@ class SAE(nn.Module):
         return self.cfg.n_latents
 
     @property
+    def d_target(self) -> int:
+        """Width of the reconstruction (d_in, or a transcoder's d_out)."""
+        return self.cfg.d_target
+
+    @property
     def enc_rows(self) -> Tensor:
         """The encoder as [n_latents, d_in], one contiguous row per latent."""
         return self.W_enc.t().contiguous()
@@ -153,9 +168,22 @@ class SAE(nn.Module):
         return self.W_dec.device
 
     # ----------------------------------------------------------------- inference
+    def centered(self, x: Tensor) -> Tensor:
+        """The encoder's input: x − b_dec (x itself for a transcoder)."""
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
     def pre_activations(self, x: Tensor) -> Tensor:
         """(x − b_dec) @ W_enc + b_enc for [..., d_in] inputs."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return self.centered(x) @ self.W_enc + self.b_enc
+
+    def init_input_centre(self, centre: Tensor) -> None:
+        """Set where the encoder's input is centred, for a coder whose b_dec is the output's (a
+        transcoder); an SAE centres by b_dec."""
+        raise NotImplementedError(f"{self.architecture} centres its input by b_dec")
+
+    def skip_term(self, x: Tensor) -> Tensor | None:
+        """A linear path from input to output added to the reconstruction (a skip-transcoder's)."""
+        return None
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents [..., n_latents] (mostly zeros)."""
@@ -171,7 +199,10 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The reconstruction x̂ of ``x`` (any leading shape, last dim d_in)."""
         self.check_input(x)
-        return self.decode(self.encode(x.to(self.W_dec.dtype)))
+        x = x.to(self.W_dec.dtype)
+        recon = self.decode(self.encode(x))
+        skip = self.skip_term(x)
+        return recon if skip is None else recon + skip
 
     # ----------------------------------------------------------------- training
     def training_codes(self, x: Tensor, ctx: TrainContext) -> Codes:
@@ -202,14 +233,16 @@ class SAE(nn.Module):
         fired[codes.indices_BK[on_BK]] = True
         return fired, ctx.comm.sum_shards_(on_BK.sum(-1).float()).mean()
 
-    def training_forward(self, x: Tensor, ctx: TrainContext) -> ForwardOutput:
-        """Reconstruction and loss on a [B, d_in] batch (inputs already normalised):
-        ‖x − x̂‖² plus the architecture's weighted auxiliary terms."""
+    def training_forward(self, x: Tensor, ctx: TrainContext, target: Tensor | None = None) -> ForwardOutput:
+        """Reconstruction and loss on a [B, d_in] batch (inputs already normalised): ‖y − ŷ‖²
+        plus the architecture's weighted auxiliary terms, y = x for an SAE, ``target`` for a
+        transcoder."""
+        target = x if target is None else target
         codes = self.training_codes(x, ctx)
         recon = self.decode_codes(codes, ctx)
-        mse = squared_error(x, recon)
+        mse = squared_error(target, recon)
         loss, terms = mse, {"mse": mse.detach()}
-        for name, (weight, value) in self.auxiliary_losses(x, recon, codes, ctx).items():
+        for name, (weight, value) in self.auxiliary_losses(target, recon, codes, ctx).items():
             loss = loss + weight * value
             terms[name] = value.detach()
         fired, l0 = self.firing(codes, ctx)
@@ -229,8 +262,14 @@ class SAE(nn.Module):
         zero biases."""
         w = torch.randn(self.n_latents, self.d_in, generator=generator, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(w)
-        self.W_enc.copy_(w.t())
+        if self.reads_pairs:  # input and output are other spaces: independent directions
+            self.W_enc.copy_(w.t())
+            w = torch.randn(self.n_latents, self.d_target, generator=generator, dtype=torch.float32)
+            w /= w.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(w)
+        else:
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.t())
         for name in self.encoder_bias_names:
             getattr(self, name).zero_()
         self.b_dec.zero_()
@@ -257,12 +296,13 @@ class SAE(nn.Module):
         self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        """Make an SAE trained on ``scale · x`` act on raw ``x``: latents are unchanged,
-        the reconstruction comes out in raw units."""
+    def fold_input_scale(self, scale: float, target_scale: float | None = None) -> None:
+        """Make an SAE trained on ``scale · x`` (and, for a transcoder, ``target_scale · y``)
+        act on raw ``x``: latents are unchanged, the reconstruction comes out in raw units."""
+        target_scale = scale if target_scale is None else target_scale
         self.W_enc *= scale
-        self.W_dec /= scale
-        self.b_dec /= scale
+        self.W_dec /= target_scale
+        self.b_dec /= target_scale
 
     @torch.no_grad()
     def reinit_latents(self, idx: Tensor, directions: Tensor, enc_norm: float) -> None:
@@ -308,12 +348,13 @@ class SAE(nn.Module):
             "d_sae": cfg.n_latents,
             "dtype": cfg.dtype,
             "device": "cpu",
-            "apply_b_dec_to_input": True,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
             "reshape_activations": "none",
             "meta": {
                 "model_name": cfg.model_name,
                 "hook_name": cfg.hook_name,
+                **({"hook_name_out": cfg.hook_name_out} if cfg.hook_name_out else {}),
                 "hook_layer": _hook_layer(cfg.hook_name),
                 "hook_head_index": None,
             },

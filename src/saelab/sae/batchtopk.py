@@ -64,16 +64,16 @@ class BatchTopKSAE(SAE):
         acts_BN = self.pre_activations(x).relu()
         return Codes(dense_BN=self.batch_top(acts_BN, self.k), extras={"acts_BN": acts_BN})
 
-    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+    def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
-        aux = x.new_zeros(())
+        aux = target.new_zeros(())
         k_aux = self.cfg.sae.resolved_k_aux(self.d_in)  # type: ignore[attr-defined]
         if ctx.dead_mask is not None and k_aux > 0:
             k_aux = min(k_aux, int(ctx.dead_mask.sum()))
             if k_aux > 0:
                 acts_BN = codes.extras["acts_BN"]
                 aux_v, aux_i = acts_BN.masked_fill(~ctx.dead_mask, -1.0).topk(k_aux, dim=-1)
-                aux = aux_k_loss(x, recon, self.sparse_decode(aux_v.relu(), aux_i))
+                aux = aux_k_loss(target, recon, self.sparse_decode(aux_v.relu(), aux_i))
         return {"auxk": (self.cfg.sae.aux_k_coefficient, aux)}  # type: ignore[attr-defined]
 
     def saelens_tensors(self) -> dict[str, Tensor]:

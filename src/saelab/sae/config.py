@@ -24,7 +24,12 @@ class SAEConfig(Config):
     n_latents: int = Field(gt=0, description="Number of dictionary latents (d_sae).")
     sae: SerializeAsAny[ArchConfig] = Field(description="The architecture and its settings.")
     dtype: DType = Field(default="float32", description="Parameter dtype.")
+    d_out: int | None = Field(
+        default=None, gt=0, description="Width of what it reconstructs, when that is another hook point "
+        "than it reads (a transcoder); None: d_in.")
     hook_name: str | None = Field(default=None, description="Model hook point the SAE reads.")
+    hook_name_out: str | None = Field(
+        default=None, description="Hook point it reconstructs, when not the one it reads (a transcoder).")
     model_name: str | None = Field(default=None, description="Model the activations came from.")
     activation_norm_scale: float = Field(
         default=1.0,
@@ -32,6 +37,8 @@ class SAEConfig(Config):
         description="Inputs were multiplied by this during training so E||x||^2 = d_in; "
         "it is folded into the saved weights.",
     )
+    target_norm_scale: float | None = Field(
+        default=None, gt=0, description="Likewise for the target of a transcoder (None: the input's).")
     train: dict[str, Any] = Field(
         default_factory=dict, description="The training config that produced this SAE."
     )
@@ -58,6 +65,11 @@ class SAEConfig(Config):
     @property
     def architecture(self) -> str:
         return self.sae.architecture
+
+    @property
+    def d_target(self) -> int:
+        """Width of the reconstruction."""
+        return self.d_out if self.d_out is not None else self.d_in
 
     @property
     def k(self) -> int | None:

@@ -39,7 +39,7 @@ class GatedSAE(SAE):
         self.r_mag = nn.Parameter(torch.zeros(cfg.n_latents, dtype=dtype))
 
     def _paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = (x - self.b_dec) @ self.W_enc
+        h = self.centered(x) @ self.W_enc
         return h + self.b_gate, h * self.r_mag.exp() + self.b_mag
 
     def encode(self, x: Tensor) -> Tensor:
@@ -50,9 +50,9 @@ class GatedSAE(SAE):
         gate_BN, mag_BN = self._paths(x)
         return Codes(dense_BN=(gate_BN > 0) * mag_BN.relu(), extras={"gate_BN": gate_BN})
 
-    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+    def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
         gate_acts_BN = codes.extras["gate_BN"].relu()
         l1 = (gate_acts_BN * self.decoder_norms()).sum(-1).mean()
-        aux = squared_error(x, gate_acts_BN @ self.W_dec.detach() + self.b_dec.detach())
+        aux = squared_error(target, gate_acts_BN @ self.W_dec.detach() + self.b_dec.detach())
         return {"l1": (ctx.sparsity_coefficient, l1), "gate_aux": (1.0, aux)}

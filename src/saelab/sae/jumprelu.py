@@ -89,7 +89,7 @@ class JumpReluSAE(SAE):
         z_BN = _JumpReLU.apply(pre_BN.relu(), theta, self.cfg.sae.bandwidth)  # type: ignore[attr-defined]
         return Codes(dense_BN=z_BN, extras={"pre_BN": pre_BN, "theta": theta})
 
-    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+    def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
         steps_BN = _Step.apply(codes.extras["pre_BN"], codes.extras["theta"],
                                self.cfg.sae.bandwidth)  # type: ignore[attr-defined]

@@ -79,9 +79,9 @@ class MatryoshkaSAE(BatchTopKSAE):
             else recon_BD.new_zeros((0, *recon_BD.shape))
         return recon_BD
 
-    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+    def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
-        prefix_mse = x.new_zeros(())
+        prefix_mse = target.new_zeros(())
         for prefix_BD in codes.extras["prefix_recons_GBD"]:
-            prefix_mse = prefix_mse + squared_error(x, prefix_BD)
-        return {"prefix_mse": (1.0, prefix_mse), **super().auxiliary_losses(x, recon, codes, ctx)}
+            prefix_mse = prefix_mse + squared_error(target, prefix_BD)
+        return {"prefix_mse": (1.0, prefix_mse), **super().auxiliary_losses(target, recon, codes, ctx)}

@@ -55,7 +55,7 @@ class ReluSAE(SAE):
     def training_codes(self, x: Tensor, ctx: TrainContext) -> Codes:
         return Codes(dense_BN=self.pre_activations(x).relu())
 
-    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+    def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
         assert codes.dense_BN is not None
         l1 = (codes.dense_BN * self.decoder_norms()).sum(-1).mean()

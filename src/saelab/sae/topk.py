@@ -40,7 +40,7 @@ class TopKSAE(SAE):
         """(values, indices), each [..., k]: the k active latents of each row."""
         shape = x.shape[:-1]
         codes = topk_encode(
-            (x.reshape(-1, self.d_in) - self.b_dec), self.enc_rows, self.b_enc, self.k
+            self.centered(x.reshape(-1, self.d_in)), self.enc_rows, self.b_enc, self.k
         )
         return codes.values.reshape(*shape, self.k), codes.indices.reshape(*shape, self.k)
 
@@ -55,7 +55,9 @@ class TopKSAE(SAE):
         x = x.to(self.W_dec.dtype)
         values, indices = self.encode_sparse(x)
         flat = sparse_decode(values.reshape(-1, self.k), indices.reshape(-1, self.k), self.W_dec)
-        return flat.reshape(x.shape) + self.b_dec
+        recon = flat.reshape(*x.shape[:-1], self.d_target) + self.b_dec
+        skip = self.skip_term(x)
+        return recon if skip is None else recon + skip
 
     def training_codes(self, x: Tensor, ctx: TrainContext) -> Codes:
         k_aux = self.cfg.sae.resolved_k_aux(self.d_in)  # type: ignore[attr-defined]
@@ -65,7 +67,7 @@ class TopKSAE(SAE):
             n_dead = ctx.comm.sum_shards_(ctx.dead_mask.sum().reshape(1))
             k_aux = min(k_aux, int(n_dead))
         codes = topk_encode(
-            x - self.b_dec, self.enc_rows, self.b_enc, self.k,
+            self.centered(x), self.enc_rows, self.b_enc, self.k,
             ctx.dead_mask if k_aux > 0 else None, min(k_aux, self.n_latents), ctx.workspace,
         )
         values_BK = codes.values
@@ -79,13 +81,13 @@ class TopKSAE(SAE):
                       else codes.aux_values * aux_chosen, "aux_indices_BK": codes.aux_indices}
         return Codes(values_BK, codes.indices, extras=extras)
 
-    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+    def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
         if "aux_values_BK" in codes.extras:
             decoded = sparse_decode(codes.extras["aux_values_BK"], codes.extras["aux_indices_BK"], self.W_dec)
-            aux = aux_k_loss(x, recon, ctx.comm.sum_shards(decoded))
+            aux = aux_k_loss(target, recon, ctx.comm.sum_shards(decoded))
         else:
-            aux = x.new_zeros(())
+            aux = target.new_zeros(())
         return {"auxk": (self.cfg.sae.aux_k_coefficient, aux)}  # type: ignore[attr-defined]
 
     def saelens_fields(self) -> dict[str, Any]:

@@ -70,6 +70,8 @@ class TrainConfig(Config):
         default=False, description="Skip rows containing NaN/Inf instead of refusing the data."
     )
     hook_name: str | None = Field(default=None, description="Hook point recorded in cfg.json.")
+    hook_name_out: str | None = Field(
+        default=None, description="Target hook point recorded in cfg.json (a transcoder's).")
     model_name: str | None = Field(default=None, description="Model name recorded in cfg.json.")
     progress: bool = Field(default=True, description="Show a progress bar.")
 
@@ -94,16 +96,19 @@ class TrainConfig(Config):
     def resolve_n_latents(self, d_in: int) -> int:
         return self.n_latents if self.n_latents is not None else int(self.expansion_factor * d_in)
 
-    def sae_config(self, d_in: int) -> SAEConfig:
-        """The SAE this training run produces, for inputs of width ``d_in``."""
+    def sae_config(self, d_in: int, d_out: int | None = None) -> SAEConfig:
+        """The SAE this training run produces, for inputs of width ``d_in`` (and, for a
+        transcoder, targets of width ``d_out``)."""
         n_latents = self.resolve_n_latents(d_in)
         try:
             return SAEConfig(
                 sae=self.sae,
                 d_in=d_in,
+                d_out=d_out,
                 n_latents=n_latents,
                 dtype=self.dtype,
                 hook_name=self.hook_name,
+                hook_name_out=self.hook_name_out,
                 model_name=self.model_name,
                 train=self.model_dump(exclude={"progress"}),
             )

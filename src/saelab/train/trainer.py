@@ -84,7 +84,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(cfg.device)
         self.steps = cfg.steps()
-        self.sae_cfg = cfg.sae_config(source.d_in)
+        d_out = getattr(source, "d_out", None)  # a PairedSource: a transcoder's (input, target)
+        self.sae_cfg = cfg.sae_config(source.d_in, d_out)
         self.n = self.sae_cfg.n_latents
         self.lr = cfg.lr if cfg.lr is not None else default_lr(self.n)
         self.warmup = (
@@ -94,6 +95,14 @@ class Trainer:
         self.decay_steps = int(cfg.lr_decay_fraction * self.steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
+        kind = SAE.registry[self.sae_cfg.architecture]
+        if kind.reads_pairs != (d_out is not None):
+            pairs = [a for a, c in SAE.registry.items() if c.reads_pairs]
+            raise InputError(
+                f"a {kind.architecture} coder reads (input, target) pairs: give the target activations "
+                "too (--target-acts)" if kind.reads_pairs else
+                f"a {kind.architecture} SAE reconstructs its input; target activations are for "
+                f"{', '.join(pairs)}")
         self.sae: SAE = create(self.sae_cfg)
         self.sae.init_weights(self.generator)
         if comm.ls > 1:
@@ -101,7 +110,8 @@ class Trainer:
         self.sae.to(self.device)
         self._make_optimizer()
         self.tokens_since_fired = torch.zeros(self.sae.n_latents, dtype=torch.long, device=self.device)
-        self.scale = 1.0
+        self.scale = 1.0  # inputs are multiplied by it (E‖x‖² = d_in)
+        self.target_scale = 1.0  # a transcoder's targets, likewise
         self.step = 0
         self.elapsed = 0.0
         self.finished = False
@@ -188,15 +198,25 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _init_from_data(self) -> None:
         sample = self.source.sample(INIT_SAMPLE_ROWS, self.cfg.seed)
-        self.scale = input_scale(sample) if self.cfg.normalize_inputs else 1.0
+        inputs, targets = sample if isinstance(sample, tuple) else (sample, None)
+        self.scale = input_scale(inputs) if self.cfg.normalize_inputs else 1.0
+        self.target_scale = self.scale
+        if targets is not None:  # a transcoder: b_dec lives in the target's space
+            self.target_scale = input_scale(targets) if self.cfg.normalize_inputs else 1.0
         with torch.no_grad():
-            if self.cfg.b_dec_init == "geometric_median":
-                b = geometric_median(sample[:MEDIAN_SAMPLE_ROWS] * self.scale)
-            elif self.cfg.b_dec_init == "mean":
-                b = (sample * self.scale).mean(0)
-            else:
-                b = torch.zeros(self.source.d_in)
-            self.sae.b_dec.copy_(b.to(self.sae.b_dec))
+            if targets is None:
+                self.sae.b_dec.copy_(self._centre(inputs, self.scale).to(self.sae.b_dec))
+            else:  # the output's centre, and the input's (which an SAE's b_dec is for both)
+                self.sae.b_dec.copy_(self._centre(targets, self.target_scale).to(self.sae.b_dec))
+                self.sae.init_input_centre(self._centre(inputs, self.scale).to(self.device))
+
+    def _centre(self, rows: Tensor, scale: float) -> Tensor:
+        """Where ``b_dec_init`` puts the centre of ``rows · scale``."""
+        if self.cfg.b_dec_init == "geometric_median":
+            return geometric_median(rows[:MEDIAN_SAMPLE_ROWS] * scale)
+        if self.cfg.b_dec_init == "mean":
+            return (rows * scale).mean(0)
+        return torch.zeros(rows.shape[1])
 
     def state_dict(self) -> dict[str, Any]:
         """The whole run (every latent shard gathered: a collective on several processes)."""
@@ -212,6 +232,7 @@ class Trainer:
             "train_config": self.cfg.model_dump(),
             "sae_config": self.sae_cfg.model_dump(),
             "input_scale": self.scale,
+            "target_scale": self.target_scale,
             "model": self._gather_state(self.sae.state_dict()),
             "optimizer": optimizer,
             "tokens_since_fired": self.comm.gather_latents(self.tokens_since_fired, 0).cpu(),
@@ -227,6 +248,7 @@ class Trainer:
         self.tokens_since_fired.copy_(self.comm.slice_latents(state["tokens_since_fired"], 0))
         self.generator.set_state(state["generator"])
         self.scale = float(state["input_scale"])
+        self.target_scale = float(state.get("target_scale", self.scale))
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.finished = bool(state["finished"])
@@ -382,8 +404,13 @@ class Trainer:
         """One optimiser step on ``batch`` (raw activations); the metrics record when this
         step logs, else None. Checkpoints on schedule."""
         cfg, sae, ctx = self.cfg, self.sae, self._ctx
-        x = self.comm.local_rows(batch).to(self.device, sae.W_dec.dtype, non_blocking=True)
+        inputs, targets = batch if isinstance(batch, tuple) else (batch, None)
+        x = self.comm.local_rows(inputs).to(self.device, sae.W_dec.dtype, non_blocking=True)
         x = x * self.scale
+        y = None
+        if targets is not None:
+            y = self.comm.local_rows(targets).to(self.device, sae.W_dec.dtype, non_blocking=True)
+            y = y * self.target_scale
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -392,7 +419,7 @@ class Trainer:
         ctx.dead_mask = dead
 
         with self._autocast():
-            out = sae.training_forward(x, ctx)
+            out = sae.training_forward(x, ctx, target=y)
         fired = self.comm.any_rank(out.fired)  # a latent fired if it fired on any rank's rows
         if not torch.isfinite(out.loss):
             self._diverged(float(out.loss.detach()))
@@ -421,7 +448,7 @@ class Trainer:
         if self.step % cfg.log_every_steps == 0 or self.step == self.steps:
             rate = (self.step * cfg.batch_size - self._tokens_at_t0) / max(now - self._t0, 1e-9)
             self.elapsed = self._elapsed_before + now - self._t0
-            record = self._log(out, x, lr, ctx.sparsity_coefficient, dead, rate)
+            record = self._log(out, x if y is None else y, lr, ctx.sparsity_coefficient, dead, rate)
         if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 \
                 and self.step < self.steps:
             self.elapsed = self._elapsed_before + now - self._t0
@@ -502,8 +529,10 @@ class Trainer:
         """The SAE for raw inputs: a copy with the input scale folded in, saved to out_dir."""
         final = create(self.sae_cfg).to(self.device)
         final.load_state_dict(self._gather_state(self.sae.state_dict()))
-        final.fold_input_scale(self.scale)
-        final.cfg = self.sae_cfg.model_copy(update={"activation_norm_scale": self.scale})
+        final.fold_input_scale(self.scale, self.target_scale)
+        final.cfg = self.sae_cfg.model_copy(update={
+            "activation_norm_scale": self.scale,
+            "target_norm_scale": self.target_scale if final.reads_pairs else None})
         if self.out_dir is not None and self.comm.is_main \
                 and not (already and (self.out_dir / CFG_FILENAME).exists()):
             final.save(self.out_dir)
