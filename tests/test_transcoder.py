@@ -153,6 +153,35 @@ def test_harvested_pairs_train_a_transcoder_that_splices_in_place_of_the_mlp(smo
     assert r.fvu < 0.6, r.fvu  # of the MLP output
     assert r.ce_clean < r.ce_spliced < r.ce_zero
     assert r.ce_recovered > 0.5, r.ce_recovered
+    # steering a transcoder feature moves the MLP output by exactly what the feature writes
+    from saelab.activations.hooks import replaced, run_hooked
+    from saelab.steer import Edit
+    from saelab.steer.steering import steering_hooks
+
+    ids = torch.tensor([[1, *smollm.tokenizer("def add(x, y):\n    return x + y")["input_ids"]]])
+    with torch.no_grad():
+        clean, _ = run_hooked(smollm.model, ids, capture=hooks)
+        z = tc.encode(clean[hooks[0]][0, 1:])
+        f = int(z.sum(0).argmax())
+        with replaced(smollm.model, steering_hooks(tc, hooks[0], [Edit(f, "clamp", 5.0)])):
+            steered, _ = run_hooked(smollm.model, ids, capture=[hooks[1]])
+    delta = steered[hooks[1]][0] - clean[hooks[1]][0]
+    assert float(delta[0].abs().max()) == 0  # BOS untouched
+    assert torch.allclose(delta[1:], (5.0 - z[:, f])[:, None] * tc.W_dec[f], atol=1e-4)
+    # its atlas: features read at the MLP's input, logit effects of what they write at its output
+    from saelab.activations.hooks import unembedding
+    from saelab.analyse.atlas import build_atlas
+    from saelab.analyse.atlasdb import Atlas
+    from saelab.config import AtlasConfig
+
+    acfg = AtlasConfig(corpus=str(corpus), context_length=64, heldout_fraction=0.2, tokens=3000,
+                       eval_tokens=256, progress=False)
+    atlas = Atlas(build_atlas(out, acfg, tmp_path / "tc.atlas", lm=smollm).path)
+    page = atlas.page(f)
+    assert page["count"] > 0 and page["top"]
+    w_u, scale = unembedding(smollm.model)
+    logits = (tc.W_dec[f].detach() * scale) @ w_u.T
+    assert [i for i, _ in page["logits"]["pos"]] == logits.topk(10).indices.tolist()
     # a transcoder that writes nothing is the zero ablation of the MLP output, exactly
     zero = create(tc.cfg)
     with torch.no_grad():

@@ -302,7 +302,8 @@ def _logit_effects(sae: SAE, lm: LoadedModel, hook: str,
         return None
     w_u, scale = ue
     w_u = w_u.float().to(sae.device)
-    dirs = residual_directions(lm.model, hook, sae.W_dec.detach().float())
+    # what a latent writes: at the hook it reads, or a transcoder's output hook
+    dirs = residual_directions(lm.model, sae.cfg.hook_name_out or hook, sae.W_dec.detach().float())
     if scale is not None:
         dirs = dirs * scale.float().to(dirs.device)
     out: list[list[Tensor]] = [[], [], [], []]
