@@ -47,7 +47,9 @@ INIT_SAMPLE_ROWS = 65536
 MEDIAN_SAMPLE_ROWS = 8192
 RESAMPLE_SAMPLE_ROWS = 16384
 # Settings that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"device", "progress", "checkpoint_every_steps", "log_every_steps"}
+# (The names recorded in cfg.json are among them: they describe the data, they do not change it.)
+RESUMABLE_CHANGES = {"device", "progress", "checkpoint_every_steps", "log_every_steps",
+                     "model_name", "hook_name", "hook_name_out"}
 
 
 def adam(params: Any, lr: float) -> torch.optim.Adam:
@@ -75,6 +77,13 @@ class Trainer:
                  out_dir: str | Path | None = None, comm: Communicator = SINGLE) -> None:
         self.source = source
         self.comm = comm
+        # What the activations say of themselves (a store's model and hooks) goes into cfg.json
+        # unless the config names it.
+        said = {k: getattr(source, attr, None) for k, attr in (
+            ("model_name", "model_name"), ("hook_name", "hook_name"), ("hook_name_out", "hook_name_out"))}
+        unset = {k: v for k, v in said.items() if v and getattr(cfg, k) is None}
+        if unset:
+            cfg = cfg.model_copy(update=unset)
         if not comm.is_main and cfg.progress:
             cfg = cfg.model_copy(update={"progress": False})
         self.cfg = cfg
