@@ -64,6 +64,18 @@ def test_help_lists_every_option() -> None:
         assert run_cli(cmd, "--help").returncode == 0
 
 
+def test_architecture_settings_are_checked_and_old_names_still_work(acts, tmp_path) -> None:
+    """A setting the architecture does not have is refused with the architectures that have it;
+    saelab 0.4's flag names (--jumprelu-bandwidth) still work."""
+    proc = run_cli("train", "--acts", str(acts), "--out", str(tmp_path / "r"), "--arch", "relu", *TRAIN)
+    assert_one_line_error(proc, "k is a setting of topk, batchtopk, matryoshka, transcoder, not of relu")
+    out = tmp_path / "j"
+    assert main(["train", "--acts", str(acts), "--out", str(out), "--arch", "jumprelu", "--n-latents", "32",
+                 "--jumprelu-bandwidth", "0.2", "--tokens", "2048", "--batch-size", "256",
+                 "--no-progress"]) == 0
+    assert json.loads((out / "cfg.json").read_text())["saelab"]["sae"]["bandwidth"] == 0.2
+
+
 def test_matrix_that_is_not_2d(tmp_path) -> None:
     bad = tmp_path / "3d.npy"
     np.save(bad, np.zeros((4, 5, 6), dtype=np.float32))

@@ -15,20 +15,21 @@ from pydantic import BaseModel
 
 from saelab.config_base import build, scalar_type
 from saelab.sae import ArchConfig
-from saelab.sae.arch import arch_settings
+from saelab.sae.arch import V1_RENAMES, arch_settings
 
 
-def _add_flag(target: Any, name: str, annotation: Any, help_text: str, required: bool = False) -> None:
-    flag = "--" + name.replace("_", "-")
+def _add_flag(target: Any, name: str, annotation: Any, help_text: str, required: bool = False,
+              aliases: tuple[str, ...] = ()) -> None:
+    flags = ["--" + name.replace("_", "-"), *("--" + a.replace("_", "-") for a in aliases)]
     typ, choices = scalar_type(annotation)
     help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
     if typ is bool:
-        target.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+        target.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
                             help=help_text)
     else:
         metavar = None if choices else "A,B,…" if get_origin(_strip_optional(annotation)) is list \
             else name.upper()
-        target.add_argument(flag, dest=name, type=typ, choices=choices, default=None, required=required,
+        target.add_argument(*flags, dest=name, type=typ, choices=choices, default=None, required=required,
                             help=help_text, metavar=metavar)
 
 
@@ -70,8 +71,9 @@ def _add_arch_flags(target: Any) -> None:
             default = f"default: {first.get_default(call_default_factory=True)}"
         else:
             default = "default: " + ", ".join(f"{a} {d}" for a, d in defaults.items())
-        _add_flag(target, name, first.annotation,
-                  f"({', '.join(fields)}) {first.description or ''} [{default}]")
+        help_text = f"({', '.join(fields)}) {first.description or ''} [{default}]"
+        _add_flag(target, name, first.annotation, help_text,
+                  aliases=tuple(old for old, new in V1_RENAMES.items() if new == name))
 
 
 def from_args(model: type[BaseModel], args: argparse.Namespace, /, **overrides: Any) -> Any:
