@@ -15,7 +15,7 @@
     Atlas("my_sae.atlas").page(0)   # one feature: examples, histogram, logit effects, ...
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from saelab.errors import InputError, SaelabError, TrainingDiverged
 from saelab.sae import SAE, create
