@@ -55,7 +55,8 @@ def test_loss_sums_every_prefix_reconstruction_and_l0_is_k_on_average() -> None:
         prefixes = [squared_error(x, z[:, :e] @ sae.W_dec[:e] + sae.b_dec) for e in (10, 30, 60)]
     assert float(out.terms["mse"]) == pytest.approx(float(prefixes[-1]), rel=1e-5)
     assert float(out.terms["prefix_mse"]) == pytest.approx(float(prefixes[0] + prefixes[1]), rel=1e-5)
-    assert float(out.loss) == pytest.approx(float(sum(prefixes)) + float(out.terms["auxk"]) / 32, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(sum(prefixes)) + float(out.terms["auxk"]) / 32,
+                                                     rel=1e-5)
 
 
 def test_gradients_reach_every_parameter_and_the_first_group_learns_from_every_prefix() -> None:
