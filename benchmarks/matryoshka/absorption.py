@@ -12,7 +12,7 @@ probability 0.9). Each SAE has 512 latents (2x) and k = 6, 1M training rows, the
   and its parent's are independent random directions: |cos| ~ 0.13 by chance at d = 64);
 - MMCS over all 256 features, and FVU on 20,000 held-out rows.
 
-    python benchmarks/matryoshka/absorption.py     # about 8 minutes on 2 cores; writes results.md/.json
+    python benchmarks/matryoshka/absorption.py     # about 10 min on 2 cores; results.md/.json
     python benchmarks/matryoshka/absorption.py --tokens 4000000 --seeds 0 --name results-4m
 """
 

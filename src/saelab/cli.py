@@ -213,7 +213,8 @@ def _eval_splice(args: argparse.Namespace, sae: Any) -> int:
                  ("embedding cos, zero-ablated", f"{r.cos_zero:.4f}"),
                  ("embedding cos, mean-ablated", f"{r.cos_mean:.4f}")]
     rows.append(("held-out tokens", f"{r.tokens:,}"))
-    _print_table(f"{sae.cfg.architecture} SAE, {sae.n_latents:,} latents, spliced into {lm.name} {hook} "
+    where = f"{hook} -> {sae.cfg.hook_name_out}" if sae.cfg.hook_name_out else hook
+    _print_table(f"{sae.cfg.architecture} SAE, {sae.n_latents:,} latents, spliced into {lm.name} {where} "
                  f"on {text.corpus} (held-out)", rows)
     return 0
 

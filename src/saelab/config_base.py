@@ -7,7 +7,6 @@ Kept apart from :mod:`saelab.config` (the stage configs) so the dictionary model
 
 from __future__ import annotations
 
-import argparse
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -49,7 +48,8 @@ def build(cls: type[BaseModel], /, **values: Any) -> Any:
 
 
 def scalar_type(annotation: Any) -> tuple[Any, list[Any] | None]:
-    """Reduce an annotation to (python type, choices) for argparse."""
+    """Reduce an annotation to (python type, choices): ``int | None`` -> (int, None),
+    ``Literal["a", "b"]`` -> (str, ["a", "b"]), ``list[int]`` -> (list[int], None)."""
     origin = get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
@@ -57,20 +57,4 @@ def scalar_type(annotation: Any) -> tuple[Any, list[Any] | None]:
     if origin is Literal:
         choices = list(get_args(annotation))
         return type(choices[0]), choices
-    if origin is list:
-        return _comma_list(get_args(annotation)[0]), None
     return annotation, None
-
-
-def _comma_list(item: type) -> Any:
-    """argparse type of a list field: 'A,B,C'."""
-
-    def parse(text: str) -> list[Any]:
-        try:
-            return [item(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
-                                             f"{item.__name__}") from None
-
-    parse.__name__ = f"list of {item.__name__}"
-    return parse

@@ -7,8 +7,6 @@ have it."""
 from __future__ import annotations
 
 import argparse
-import types
-import typing
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
@@ -26,17 +24,26 @@ def _add_flag(target: Any, name: str, annotation: Any, help_text: str, required:
     if typ is bool:
         target.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
                             help=help_text)
+    elif get_origin(typ) is list:
+        target.add_argument(*flags, dest=name, type=_comma_list(get_args(typ)[0]), default=None,
+                            required=required, help=help_text, metavar="A,B,…")
     else:
-        metavar = None if choices else "A,B,…" if get_origin(_strip_optional(annotation)) is list \
-            else name.upper()
         target.add_argument(*flags, dest=name, type=typ, choices=choices, default=None, required=required,
-                            help=help_text, metavar=metavar)
+                            help=help_text, metavar=None if choices else name.upper())
 
 
-def _strip_optional(annotation: Any) -> Any:
-    if get_origin(annotation) in (typing.Union, types.UnionType):
-        return next(a for a in get_args(annotation) if a is not type(None))
-    return annotation
+def _comma_list(item: type) -> Any:
+    """argparse type of a list field: 'A,B,C'."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [item(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                             f"{item.__name__}") from None
+
+    parse.__name__ = f"list of {item.__name__}"
+    return parse
 
 
 def add_arguments(

@@ -51,10 +51,6 @@ class ArchConfig(Config):
     def check(self, d_in: int, n_latents: int) -> None:
         """Raise ValueError if these settings cannot make an SAE of this size."""
 
-    def settings(self) -> dict[str, Any]:
-        """The architecture's own fields (everything but ``architecture``)."""
-        return self.model_dump(exclude={"architecture"})
-
 
 class PenaltyConfig(ArchConfig):
     """Architectures trained with a sparsity penalty whose coefficient ramps up from zero."""

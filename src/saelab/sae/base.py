@@ -75,7 +75,7 @@ class Codes:
     values_BK: Tensor | None = None
     indices_BK: Tensor | None = None
     dense_BN: Tensor | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def squared_error(x: Tensor, recon: Tensor) -> Tensor:
@@ -119,7 +119,8 @@ class SAE(nn.Module):
     """Whether it reconstructs another hook point than it reads (a transcoder): trained on
     row-aligned (input, target) pairs."""
     apply_b_dec_to_input: ClassVar[bool] = True
-    """Whether the input is centred by b_dec before encoding (not when input and output differ)."""
+    """Whether the input is centred by b_dec before encoding (SAELens's field; not when input and
+    output are different spaces)."""
     latent_sharding: ClassVar[bool] = False
     """Whether the latents can be split over processes (``--latent-shards``)."""
     latent_dims: ClassVar[dict[str, int | None]] = {"W_enc": 1, "b_dec": None}
@@ -169,8 +170,8 @@ class SAE(nn.Module):
 
     # ----------------------------------------------------------------- inference
     def centered(self, x: Tensor) -> Tensor:
-        """The encoder's input: x − b_dec (x itself for a transcoder)."""
-        return x - self.b_dec if self.apply_b_dec_to_input else x
+        """The encoder's input: x − b_dec (a transcoder centres by its input's own centre)."""
+        return x - self.b_dec
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """(x − b_dec) @ W_enc + b_enc for [..., d_in] inputs."""
@@ -209,7 +210,7 @@ class SAE(nn.Module):
         """The latents of a [B, d_in] training batch (inputs already normalised)."""
         raise NotImplementedError
 
-    def auxiliary_losses(self, x: Tensor, recon: Tensor, codes: Codes,
+    def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
         """The architecture's terms beyond the reconstruction error: name -> (weight, value)."""
         return {}
@@ -219,7 +220,7 @@ class SAE(nn.Module):
         if codes.dense_BN is not None:
             return self.decode(codes.dense_BN)
         assert codes.values_BK is not None and codes.indices_BK is not None
-        partial = sparse_decode(codes.values_BK, codes.indices_BK, self.W_dec)
+        partial = self.sparse_decode(codes.values_BK, codes.indices_BK)
         return ctx.comm.sum_shards(partial) + ctx.comm.shard_bias(self.b_dec)
 
     def firing(self, codes: Codes, ctx: TrainContext) -> tuple[Tensor, Tensor]:

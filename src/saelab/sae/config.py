@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from saelab.config_base import Config, DType
-from saelab.sae.arch import V1_RENAMES, ArchConfig, arch_config, config_class, fold_shorthand
+from saelab.sae.arch import V1_RENAMES, ArchConfig, arch_config, fold_shorthand
 
 
 class SAEConfig(Config):
@@ -81,20 +81,12 @@ class SAEConfig(Config):
 # format 1 (saelab 0.4): every architecture's settings flat in one training config
 # ---------------------------------------------------------------------------------------
 
-def _arch_setting_names() -> set[str]:
-    return {name for cls in ArchConfig.registry.values() for name in cls.model_fields}
-
-
 def migrate_train_v1(flat: dict[str, Any]) -> dict[str, Any]:
     """A format-1 training config (flat) in format 2: the architecture's settings move into
     ``sae``; the other architectures' settings, which format 1 kept at their defaults, go."""
-    flat = {V1_RENAMES.get(k, k): v for k, v in flat.items()}
-    arch = flat.get("architecture", "topk")
-    cls = config_class(arch)
-    names = _arch_setting_names()
-    sae = {k: v for k, v in flat.items() if k in cls.model_fields}
-    shared = {k: v for k, v in flat.items() if k not in names}
-    return {**shared, "sae": {**sae, "architecture": arch}}
+    settings = {name for cls in ArchConfig.registry.values() for name in cls.model_fields}
+    shared = {k for k in flat if V1_RENAMES.get(k, k) not in settings}
+    return fold_shorthand(flat, shared, default_architecture="topk", strict=False)
 
 
 def migrate_sae_v1(block: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
@@ -75,13 +74,12 @@ class MatryoshkaSAE(BatchTopKSAE):
             recon_BD = recon_BD + z_BN[:, start:end] @ self.W_dec[start:end]
             prefixes.append(recon_BD)
             start = end
-        codes.extras["prefix_recons_GBD"] = torch.stack(prefixes[:-1]) if len(prefixes) > 1 \
-            else recon_BD.new_zeros((0, *recon_BD.shape))
+        codes.extras["prefix_recons"] = prefixes[:-1]  # each [B, D]
         return recon_BD
 
     def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
         prefix_mse = target.new_zeros(())
-        for prefix_BD in codes.extras["prefix_recons_GBD"]:
+        for prefix_BD in codes.extras["prefix_recons"]:
             prefix_mse = prefix_mse + squared_error(target, prefix_BD)
         return {"prefix_mse": (1.0, prefix_mse), **super().auxiliary_losses(target, recon, codes, ctx)}

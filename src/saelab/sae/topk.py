@@ -13,7 +13,7 @@ from torch import Tensor
 
 from saelab.sae.arch import KSparseConfig
 from saelab.sae.base import SAE, Codes, TrainContext, squared_error
-from saelab.sae.kernels import dense_from_sparse, sparse_decode, topk_encode
+from saelab.sae.kernels import dense_from_sparse, topk_encode
 
 
 class TopKConfig(KSparseConfig):
@@ -54,7 +54,7 @@ class TopKSAE(SAE):
         self.check_input(x)
         x = x.to(self.W_dec.dtype)
         values, indices = self.encode_sparse(x)
-        flat = sparse_decode(values.reshape(-1, self.k), indices.reshape(-1, self.k), self.W_dec)
+        flat = self.sparse_decode(values.reshape(-1, self.k), indices.reshape(-1, self.k))
         recon = flat.reshape(*x.shape[:-1], self.d_target) + self.b_dec
         skip = self.skip_term(x)
         return recon if skip is None else recon + skip
@@ -84,7 +84,7 @@ class TopKSAE(SAE):
     def auxiliary_losses(self, target: Tensor, recon: Tensor, codes: Codes,
                          ctx: TrainContext) -> dict[str, tuple[float, Tensor]]:
         if "aux_values_BK" in codes.extras:
-            decoded = sparse_decode(codes.extras["aux_values_BK"], codes.extras["aux_indices_BK"], self.W_dec)
+            decoded = self.sparse_decode(codes.extras["aux_values_BK"], codes.extras["aux_indices_BK"])
             aux = aux_k_loss(target, recon, ctx.comm.sum_shards(decoded))
         else:
             aux = target.new_zeros(())

@@ -79,8 +79,7 @@ class Trainer:
         self.comm = comm
         # What the activations say of themselves (a store's model and hooks) goes into cfg.json
         # unless the config names it.
-        said = {k: getattr(source, attr, None) for k, attr in (
-            ("model_name", "model_name"), ("hook_name", "hook_name"), ("hook_name_out", "hook_name_out"))}
+        said = {k: getattr(source, k, None) for k in ("model_name", "hook_name", "hook_name_out")}
         unset = {k: v for k, v in said.items() if v and getattr(cfg, k) is None}
         if unset:
             cfg = cfg.model_copy(update=unset)
@@ -409,9 +408,9 @@ class Trainer:
         self._elapsed_before = self.elapsed
         return False
 
-    def train_step(self, batch: Tensor) -> dict[str, Any] | None:
-        """One optimiser step on ``batch`` (raw activations); the metrics record when this
-        step logs, else None. Checkpoints on schedule."""
+    def train_step(self, batch: Tensor | tuple[Tensor, Tensor]) -> dict[str, Any] | None:
+        """One optimiser step on ``batch`` (raw activations, or a transcoder's (input, target));
+        the metrics record when this step logs, else None. Checkpoints on schedule."""
         cfg, sae, ctx = self.cfg, self.sae, self._ctx
         inputs, targets = batch if isinstance(batch, tuple) else (batch, None)
         x = self.comm.local_rows(inputs).to(self.device, sae.W_dec.dtype, non_blocking=True)
