@@ -48,22 +48,22 @@ def test_atlas_statistics_equal_a_brute_force_pass(small_atlas, smollm):
     assert atlas.meta["metrics"]["atlas_l0"] == pytest.approx(16.0)
     for f in torch.argsort(count, descending=True)[:20].tolist():
         page = atlas.page(f)
-        assert page["count"] == int(count[f])
-        assert page["density"] == pytest.approx(float(count[f]) / z.shape[0])
-        assert page["max_act"] == pytest.approx(float(zmax[f]), rel=1e-5)
-        top = page["top"]
-        assert top and top[0]["act"] == pytest.approx(float(zmax[f]), rel=1e-5)
-        assert [e["act"] for e in top] == sorted((e["act"] for e in top), reverse=True)
+        assert page.count == int(count[f])
+        assert page.density == pytest.approx(float(count[f]) / z.shape[0])
+        assert page.max_act == pytest.approx(float(zmax[f]), rel=1e-5)
+        top = page.top
+        assert top and top[0].act == pytest.approx(float(zmax[f]), rel=1e-5)
+        assert [e.act for e in top] == sorted((e.act for e in top), reverse=True)
         for e in top:  # the peak token carries the example's activation
-            assert e["a"][e["peak"]] == pytest.approx(e["act"], rel=2e-3)
-        assert sum(page["hist"]) == int(count[f])
+            assert e.a[e.peak] == pytest.approx(e.act, rel=2e-3)
+        assert sum(page.hist) == int(count[f])
         fired = set(z[:, f][z[:, f] > 0].tolist())
-        lows = [b["lo"] for b in page["bands"]]
+        lows = [b.lo for b in page.bands]
         assert lows == sorted(lows)
-        for b in page["bands"]:  # quantile-band examples are real firings of this feature
-            for e in b["examples"]:
-                assert e["act"] in fired and e["a"][e["peak"]] == pytest.approx(e["act"], rel=2e-3)
-        assert len(page["neighbours"]) == 10 and page["labels"]
+        for b in page.bands:  # quantile-band examples are real firings of this feature
+            for e in b.examples:
+                assert e.act in fired and e.a[e.peak] == pytest.approx(e.act, rel=2e-3)
+        assert len(page.neighbours) == 10 and page.labels
     # a histogram of all features' log density, and the splice metrics, for the global page
     dh = atlas.meta["density_hist"]
     assert sum(dh["counts"]) + dh["dead"] == sae.n_latents
@@ -78,9 +78,9 @@ def test_logit_effects_are_the_decoder_through_the_unembedding(small_atlas, smol
     for f in (0, 7, 500):
         logits = (sae.W_dec[f].detach() * scale) @ w_u.T
         page = atlas.page(f)
-        assert [i for i, _ in page["logits"]["pos"]] == logits.topk(10).indices.tolist()
-        assert [i for i, _ in page["logits"]["neg"]] == (-logits).topk(10).indices.tolist()
-        assert page["logits"]["pos"][0][1] == pytest.approx(float(logits.max()), abs=1e-3)
+        assert [i for i, _ in page.logits.pos] == logits.topk(10).indices.tolist()
+        assert [i for i, _ in page.logits.neg] == (-logits).topk(10).indices.tolist()
+        assert page.logits.pos[0][1] == pytest.approx(float(logits.max()), abs=1e-3)
 
 
 def test_killed_build_resumes_to_the_same_atlas(small_atlas, smollm, monkeypatch, tmp_path):
@@ -184,7 +184,7 @@ def test_explainer_against_a_local_openai_compatible_server(small_atlas, smollm,
     assert all(0.0 <= r["explanation_score"] <= 1.0 for r in scored)
     # a keyword detector built from the top examples beats chance on held-out examples
     assert np.mean([r["explanation_score"] for r in scored]) > 0.5
-    assert atlas.page(explained[0]["id"])["explanation"] == explained[0]["explanation"]
+    assert atlas.page(explained[0]["id"]).explanation == explained[0]["explanation"]
 
 
 def test_static_export_holds_every_feature(small_atlas, tmp_path):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import saelab.lm.train as lm_train
 from saelab.analyse.atlasdb import Atlas
+from saelab.analyse.page import Example
 from saelab.analyse.split import families
 from saelab.config import LMConfig
 from saelab.lm.train import train_lm
@@ -79,7 +80,7 @@ def test_lm_train_resumes_to_the_same_weights(tiny_lm, tmp_path, monkeypatch):
 def test_lm_train_refuses_other_settings_in_the_same_folder(tiny_lm):
     p = run_cli("lm", "train", "--out", str(tiny_lm["root"] / "run"), "--corpus", str(tiny_lm["corpus"]),
                 "--vocab-size", "400", "--no-progress")
-    assert p.returncode == 1 and "vocab_size: 320 there, 400 now" in p.stderr
+    assert p.returncode == 1 and "vocab_size (320 -> 400)" in p.stderr
 
 
 def _planted(d: int = 16, seed: int = 0):
@@ -132,10 +133,10 @@ def test_split_finds_a_planted_split(tmp_path):
 
 
 def test_token_concentration():
-    page = {"top": [{"t": [5, 7], "peak": 1}] * 4}
-    assert token_concentration(page) == 1.0
-    page = {"top": [{"t": [i], "peak": 0} for i in range(4)]}
-    assert abs(token_concentration(page)) < 1e-9
+    same = [Example(act=1.0, peak=1, t=[5, 7], a=[0.0, 1.0])] * 4
+    assert token_concentration(same) == 1.0
+    each = [Example(act=1.0, peak=0, t=[i], a=[1.0]) for i in range(4)]
+    assert abs(token_concentration(each)) < 1e-9
 
 
 @pytest.mark.slow

@@ -172,7 +172,7 @@ def test_damaged_stores_name_the_bad_shard(tmp_path, corpus, minilm):
 
 def test_changed_settings_refuse_to_resume(tmp_path, corpus, minilm):
     harvest(cfg(corpus, hooks=HOOKS[:1], tokens=600), tmp_path / "s", lm=minilm)
-    with pytest.raises(InputError, match=r"other settings \(context_length: 32 -> 64\)"):
+    with pytest.raises(InputError, match=r"other settings: context_length \(32 -> 64\)"):
         harvest(cfg(corpus, hooks=HOOKS[:1], context_length=64), tmp_path / "s", lm=minilm)
     # a larger --tokens extends the store
     harvest(cfg(corpus, hooks=HOOKS[:1], tokens=1500), tmp_path / "s", lm=minilm)

@@ -178,10 +178,10 @@ def test_harvested_pairs_train_a_transcoder_that_splices_in_place_of_the_mlp(smo
                        eval_tokens=256, progress=False)
     atlas = Atlas(build_atlas(out, acfg, tmp_path / "tc.atlas", lm=smollm).path)
     page = atlas.page(f)
-    assert page["count"] > 0 and page["top"]
+    assert page.count > 0 and page.top
     w_u, scale = unembedding(smollm.model)
     logits = (tc.W_dec[f].detach() * scale) @ w_u.T
-    assert [i for i, _ in page["logits"]["pos"]] == logits.topk(10).indices.tolist()
+    assert [i for i, _ in page.logits.pos] == logits.topk(10).indices.tolist()
     # a transcoder that writes nothing is the zero ablation of the MLP output, exactly
     zero = create(tc.cfg)
     with torch.no_grad():

@@ -256,3 +256,46 @@ def test_static_export_in_the_browser(small_atlas, page, tmp_path):
     page.wait_for_selector("main .error")
     assert "static export" in page.inner_text("main")
     shutil.rmtree(site)
+
+
+def test_viewer_reads_only_fields_of_the_page_contract(client):
+    """The schema served is the one FeaturePage defines, and every field app.js reads from a
+    page (``f.<name>``) or an example (``e.<name>``) is one of it."""
+    import re
+
+    from saelab.analyse.page import Example, FeaturePage
+
+    served = client.get("/api/schema").json()
+    assert set(served["page"]["properties"]) == set(FeaturePage.model_fields)
+    assert set(served["page"]["$defs"]["Example"]["properties"]) == set(Example.model_fields) == {
+        "act", "peak", "t", "a"}
+    js = (Path(__file__).parents[1] / "src/saelab/view/static/app.js").read_text()
+    body = js[js.index("async function pageFeature"):js.index("async function pageSearch")]
+    read = set(re.findall(r"\bf\.([a-z_]+)", body)) - {"map", "length", "slice"}
+    assert read and read <= set(FeaturePage.model_fields), read - set(FeaturePage.model_fields)
+    example = set(re.findall(r"\bex\.([a-z_]+)", js))
+    assert example and example <= set(Example.model_fields), example
+
+
+def test_browser_names_what_a_page_lacks(small_atlas, page, tmp_path):
+    """A page without a field the contract requires is reported by name, not drawn broken."""
+    import gzip
+    import json
+    import sqlite3
+
+    bad = tmp_path / "bad.atlas"
+    shutil.copy(small_atlas["path"], bad)
+    db = sqlite3.connect(bad)
+    (blob,) = db.execute("SELECT json FROM pages WHERE feature = 2").fetchone()
+    p = json.loads(gzip.decompress(blob))
+    del p["hist"]
+    db.execute("UPDATE pages SET json = ? WHERE feature = 2", (gzip.compress(json.dumps(p).encode()),))
+    db.commit()
+    db.close()
+    with serving(create_app(bad, live=False)) as url:
+        page.goto(url + "/#/f/2")
+        page.wait_for_selector("main .error")
+        assert "feature 2's page lacks hist" in page.inner_text("main")
+        page.goto(url + "/#/f/3")  # the others are drawn as ever
+        page.wait_for_selector("#feature-label")
+        assert "lacks" not in page.inner_text("main")

@@ -244,8 +244,8 @@ def _atlas(args: argparse.Namespace) -> int:
     cfg = from_args(AtlasConfig, args)
     r = build_atlas(args.sae_dir, cfg, args.out)
     rate = f"{r.tokens_per_s:,.0f} tokens/s in the pass, " if r.tokens_per_s else ""
-    print(f"{r.path}: {r.features:,} features over {r.tokens:,} held-out tokens "
-          f"({rate}{r.seconds:.0f} s in all)")
+    how = "already built with these settings, reused" if r.reused else f"{rate}{r.seconds:.0f} s in all"
+    print(f"{r.path}: {r.features:,} features over {r.tokens:,} held-out tokens ({how})")
     print(f"browse it: saelab serve {r.path}")
     return 0
 

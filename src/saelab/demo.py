@@ -1,16 +1,16 @@
 """The whole pipeline on one model, in one call: harvest a hook's activations into a store,
 train a TopK SAE on it, evaluate it by splicing it into the model, and build its atlas.
 
-Every stage writes into its own folder under ``out``, named from its settings, and records
-what it made in ``out/demo.json`` (atomically, once the stage is complete). A second run
-with the same settings reuses each finished stage; a stage that was interrupted resumes
+Every stage writes into its own folder under ``out``, named from its settings, and leaves
+its completion marker (:mod:`saelab.stage`) once its result is complete; ``out/demo.json``
+sums up what each made. A second run with the same settings reuses each finished stage
+without loading the model; a stage that was interrupted resumes
 from its own partial state (the store's last complete shard, the trainer's checkpoint, the
 atlas's ``.partial`` folder). Nothing a stage leaves half-done is ever recorded as done.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saelab import stage
 from saelab.config import AtlasConfig, DemoConfig, HarvestConfig, TextConfig
 from saelab.io import atomic_write_json
 from saelab.models import LoadedModel
+from saelab.stage import Settings
 from saelab.train.config import TrainConfig
 
 RECORD = "demo.json"
@@ -58,10 +60,6 @@ class DemoResult:
         return "\n".join(f"  {a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
 
 
-def _key(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name).strip("-") or "model"
 
@@ -71,7 +69,8 @@ def _fmt_tokens(n: int) -> str:
 
 
 class _Record:
-    """``demo.json``: per stage, the settings key it was made with and what it produced."""
+    """``demo.json``: what each stage made, written as each finishes (a summary for people
+    and tests; whether a stage is reused is decided by its own completion marker)."""
 
     def __init__(self, out: Path) -> None:
         self.path = out / RECORD
@@ -82,12 +81,6 @@ class _Record:
             except json.JSONDecodeError:
                 self.data = {}  # written atomically, so only a foreign file gets here
 
-    def done(self, stage: str, key: str, path: Path) -> dict[str, Any] | None:
-        entry = self.data.get(stage)
-        if entry and entry.get("key") == key and path.exists():
-            return entry
-        return None
-
     def finish(self, stage: str, key: str, seconds: float, **info: Any) -> None:
         self.data[stage] = {"key": key, "seconds": round(seconds, 2), **info}
         atomic_write_json(self.path, self.data)
@@ -95,14 +88,13 @@ class _Record:
 
 def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] | None = None) -> DemoResult:
     """Run (or reuse) every stage for ``cfg`` under ``out``; returns what each made."""
-    from saelab.activations.harvest import harvest
+    from saelab.activations.harvest import harvest, harvest_settings
     from saelab.activations.source import open_source
     from saelab.activations.store import read_manifest
-    from saelab.analyse.atlas import build_atlas
-    from saelab.eval.splice import splice_eval
+    from saelab.analyse.atlas import atlas_settings, build_atlas
+    from saelab.eval.splice import saved_splice_eval, splice_settings
     from saelab.models import open_model
-    from saelab.sae.base import SAE
-    from saelab.train.trainer import Trainer
+    from saelab.train.trainer import Trainer, run_settings
 
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(out)
@@ -120,66 +112,60 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] | None
                                        f"{result.lm.name} on {result.lm.device}"))
         return result.lm
 
-    def stage(name: str, key: str, path: Path, make: Callable[[], dict[str, Any]],
-              summary: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-        done = record.done(name, key, path)
+    def step(name: str, path: Path, settings: Settings, make: Callable[[], dict[str, Any]],
+             summary: Callable[[dict[str, Any]], str], shown: Path | None = None) -> dict[str, Any]:
+        """Reuse the stage's result at ``path`` if its completion marker names these settings,
+        else make it (the stage writes its own marker)."""
+        t0 = time.perf_counter()
+        done = stage.finished(path, settings)
         if done is not None:
             say(f"[{name}] reusing {path}")
-            result.stages.append(Stage(name, 0.0, True, path, summary(done)))
-            return done
-        say(f"[{name}] -> {path}")
-        t0 = time.perf_counter()
-        info = make()
-        seconds = time.perf_counter() - t0
-        record.finish(name, key, seconds, path=str(path), **info)
-        result.stages.append(Stage(name, seconds, False, path, summary(info)))
+            info, seconds = done, 0.0
+        else:
+            say(f"[{name}] -> {path}")
+            info = make()
+            seconds = time.perf_counter() - t0
+        record.finish(name, settings.fingerprint, seconds, path=str(shown or path), **info)
+        result.stages.append(Stage(name, seconds, done is not None, path, summary(info)))
         return info
 
     # 1. harvest: the store grows in place, so its name leaves out the token count
-    store_settings = {"model": cfg.model, "hook": cfg.hook, "corpus": cfg.corpus,
-                      "context_length": cfg.context_length}
-    store_dir = out / f"store-{_slug(cfg.model)}-{cfg.hook}-{_key(store_settings)}"
-    harvest_key = _key({**store_settings, "tokens": cfg.tokens})
+    hc = HarvestConfig(model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus,
+                       context_length=cfg.context_length, tokens=cfg.tokens, device=cfg.device,
+                       progress=cfg.progress)
+    store_key = Settings.of("store", hc.model_dump(exclude={"tokens"}),
+                            free=("device", "progress")).fingerprint
+    store_dir = out / f"store-{_slug(cfg.model)}-{cfg.hook}-{store_key[:8]}"
+    harvested = harvest_settings(hc)
 
     def do_harvest() -> dict[str, Any]:
-        hc = HarvestConfig(model=cfg.model, hooks=[cfg.hook], corpus=cfg.corpus,
-                           context_length=cfg.context_length, tokens=cfg.tokens, device=cfg.device,
-                           progress=cfg.progress)
         harvest(hc, store_dir, lm=model())
-        return {"rows": int(read_manifest(store_dir)["token_count"])}
+        return {"rows_per_hook": int(read_manifest(store_dir)["token_count"])}
 
-    stage("harvest", harvest_key, store_dir, do_harvest,
-          lambda i: f"{i['rows']:,} activation rows of {cfg.hook}")
+    step("harvest", store_dir, harvested, do_harvest,
+         lambda i: f"{i['rows_per_hook']:,} activation rows of {cfg.hook}")
 
     # 2. train
-    train_settings = {"store": harvest_key, "expansion_factor": cfg.expansion_factor, "k": cfg.k,
-                      "lr": cfg.lr, "seed": cfg.seed, "tokens": cfg.tokens}
-    train_key = _key(train_settings)
-    sae_dir = out / f"sae-topk-{cfg.expansion_factor:g}x-k{cfg.k}-{_fmt_tokens(cfg.tokens)}-{train_key}"
+    tc = TrainConfig(architecture="topk", expansion_factor=cfg.expansion_factor, k=cfg.k,
+                     tokens=cfg.tokens, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
+                     progress=cfg.progress, checkpoint_every_steps=25,
+                     model_name=cfg.model, hook_name=cfg.hook)
+    trained = run_settings(tc)
+    # the folder is named from the data's settings and the run's, so other data is another folder
+    train_key = Settings("sae", {"store": harvested.fingerprint, "run": trained.fingerprint}).fingerprint
+    sae_dir = out / f"sae-topk-{cfg.expansion_factor:g}x-k{cfg.k}-{_fmt_tokens(cfg.tokens)}-{train_key[:8]}"
 
     def do_train() -> dict[str, Any]:
-        tc = TrainConfig(architecture="topk", expansion_factor=cfg.expansion_factor, k=cfg.k,
-                         tokens=cfg.tokens, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
-                         progress=cfg.progress, checkpoint_every_steps=25,
-                         model_name=cfg.model, hook_name=cfg.hook)
         sae = Trainer(open_source(store_dir), tc, sae_dir).run()
         return {"n_latents": sae.n_latents}
 
-    stage("train", train_key, sae_dir / "sae_weights.safetensors", do_train,
-                 lambda i: f"TopK SAE, {i['n_latents']:,} latents, k = {cfg.k}")
+    step("train", sae_dir, trained, do_train,
+         lambda i: f"TopK SAE, {i['n_latents']:,} latents, k = {cfg.k}",
+         shown=sae_dir / "sae_weights.safetensors")
     result.sae = sae_dir
 
     # 3. splice evaluation
-    eval_key = _key({"sae": train_key, "eval_tokens": cfg.eval_tokens})
     eval_file = sae_dir / "splice_eval.json"
-
-    def do_eval() -> dict[str, Any]:
-        if not cfg.eval_tokens:
-            return {"metrics": {}}
-        sae = SAE.load(sae_dir)
-        r = splice_eval(sae, model(), text, tokens=cfg.eval_tokens, hook=cfg.hook, progress=cfg.progress)
-        atomic_write_json(eval_file, r.as_dict())
-        return {"metrics": r.as_dict()}
 
     def eval_summary(i: dict[str, Any]) -> str:
         m = i["metrics"]
@@ -193,21 +179,31 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] | None
             parts.append(f"embedding cos {m['cos_spliced']:.3f}")
         return ", ".join(parts) + f" ({m['tokens']:,} held-out tokens)"
 
-    info = stage("evaluate", eval_key, eval_file if cfg.eval_tokens else sae_dir, do_eval, eval_summary)
-    result.metrics = info["metrics"]
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    reused, key = False, "skipped"
+    if cfg.eval_tokens:
+        evaluated = splice_settings(sae_dir, text, cfg.eval_tokens, cfg.hook)
+        key = evaluated.fingerprint
+        say(f"[evaluate] {'reusing' if stage.finished(eval_file, evaluated) else '->'} {eval_file}")
+        metrics, reused = saved_splice_eval(sae_dir, eval_file, model, text, cfg.eval_tokens, cfg.hook,
+                                            progress=cfg.progress)
+    seconds = 0.0 if reused else time.perf_counter() - t0
+    record.finish("evaluate", key, seconds, path=str(eval_file), metrics=metrics)
+    result.stages.append(Stage("evaluate", seconds, reused, eval_file, eval_summary({"metrics": metrics})))
+    result.metrics = metrics
 
     # 4. atlas
-    atlas_key = _key({"sae": train_key, "eval": eval_key, "atlas_tokens": cfg.atlas_tokens})
     atlas_path = out / f"{sae_dir.name}-{_fmt_tokens(cfg.atlas_tokens)}.atlas"
+    ac = AtlasConfig(model=cfg.model, hook=cfg.hook, corpus=cfg.corpus, context_length=cfg.context_length,
+                     tokens=cfg.atlas_tokens, eval_tokens=0, device=cfg.device, progress=cfg.progress)
 
     def do_atlas() -> dict[str, Any]:
-        ac = AtlasConfig(corpus=cfg.corpus, context_length=cfg.context_length, tokens=cfg.atlas_tokens,
-                         eval_tokens=0, device=cfg.device, progress=cfg.progress)
         r = build_atlas(sae_dir, ac, atlas_path, lm=model(), metrics=result.metrics)
         return {"features": r.features, "tokens": r.tokens,
                 "tokens_per_s": round(r.tokens_per_s, 1) if r.tokens_per_s else None}
 
-    stage("atlas", atlas_key, atlas_path, do_atlas,
-          lambda i: f"{i['features']:,} features over {i['tokens']:,} held-out tokens")
+    step("atlas", atlas_path, atlas_settings(sae_dir, cfg.model, cfg.hook, ac, result.metrics), do_atlas,
+         lambda i: f"{i['features']:,} features over {i['tokens']:,} held-out tokens")
     result.atlas = atlas_path
     return result

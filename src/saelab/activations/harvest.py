@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab import __version__
+from saelab import __version__, stage
 from saelab.activations.hooks import hook_width, parse_hook, run_hooked
 from saelab.activations.source import rebatch
 from saelab.activations.store import StoreWriter, is_store, read_manifest
@@ -31,9 +31,16 @@ from saelab.data.text import Split, TokenBatch, text_batches
 from saelab.errors import InputError
 from saelab.models import LoadedModel, open_model
 
-# Settings a resumed harvest must share with the run it continues.
+# Settings a resumed harvest must share with the run it continues (as its manifest has them).
 _FIXED = ("model", "hook_name", "d_in", "corpus", "split", "context_length", "keep_special",
           "heldout_fraction", "text_field", "dtype")
+# Settings that do not change what a harvest writes.
+_FREE = ("device", "progress", "batch_size")
+
+
+def harvest_settings(cfg: HarvestConfig) -> stage.Settings:
+    """The settings that decide a harvest's stores (what its completion marker records)."""
+    return stage.Settings.of("harvest", cfg.model_dump(), free=_FREE)
 
 
 def check_hooks(lm: LoadedModel, hooks: list[str]) -> None:
@@ -76,9 +83,15 @@ def harvest(cfg: HarvestConfig, out: str | Path, lm: LoadedModel | None = None) 
     Re-running with the same arguments resumes (or extends, with a larger ``tokens``)."""
     out = Path(out)
     split: Split = cfg.split
+    settings = harvest_settings(cfg)
+    dirs = store_dirs(out, cfg.hooks)
+    if stage.finished(out, settings) is not None and all(is_store(d) for d in dirs.values()):
+        if cfg.progress:
+            print(f"{out}: this harvest is already complete; reusing it", file=sys.stderr)
+        return list(dirs.values())
+    stage.clear(out)
     lm = lm or open_model(cfg.model, cfg.device)
     check_hooks(lm, cfg.hooks)
-    dirs = store_dirs(out, cfg.hooks)
     if len(cfg.hooks) > 1 and is_store(out):
         raise InputError(f"{out} is already a single-hook store; pass another --out for several hooks")
     writers: dict[str, StoreWriter] = {}
@@ -91,10 +104,8 @@ def harvest(cfg: HarvestConfig, out: str | Path, lm: LoadedModel | None = None) 
                 **({"aligned_hooks": list(cfg.hooks)} if len(cfg.hooks) > 1 else {})}
         if is_store(d):
             old = read_manifest(d)
-            diff = [f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in _FIXED if old.get(k) != meta[k]]
-            if diff:
-                raise InputError(f"{d} holds a harvest with other settings ({'; '.join(diff)}); "
-                                 "pass another --out or delete it")
+            fixed = stage.Settings("harvest", {k: meta[k] for k in _FIXED})
+            fixed.require_same({k: old.get(k) for k in _FIXED}, d, fix="pass another --out or delete it")
         writers[h] = StoreWriter(d, meta, cfg.dtype)
     # Line the stores up at the last shard every hook completed.
     n_shards = min(len(w.shards) for w in writers.values())
@@ -110,6 +121,7 @@ def harvest(cfg: HarvestConfig, out: str | Path, lm: LoadedModel | None = None) 
                   "nothing to do", file=sys.stderr)
         for w in writers.values():
             w.finish()
+        stage.mark_finished(out, settings, {"rows_per_hook": done, "hooks": list(cfg.hooks)})
         return list(dirs.values())
     for w in writers.values():
         w.manifest["complete"] = False
@@ -152,6 +164,7 @@ def harvest(cfg: HarvestConfig, out: str | Path, lm: LoadedModel | None = None) 
               f"(asked for {cfg.tokens:,}); the store holds what there was", file=sys.stderr)
     for w in writers.values():
         w.finish({"target_tokens": cfg.tokens})
+    stage.mark_finished(out, settings, {"rows_per_hook": done, "hooks": list(cfg.hooks)})
     return list(dirs.values())
 
 

@@ -25,8 +25,6 @@ optional explanations, splice metrics for the global page, and the SQLite file
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import shutil
@@ -43,10 +41,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab import __version__
+from saelab import __version__, stage
 from saelab.activations.hooks import residual_directions, run_hooked, unembedding
 from saelab.analyse.atlasdb import ATLAS_FORMAT_VERSION, AtlasWriter, pack_page
 from saelab.analyse.explain import Explainer, auto_label
+from saelab.analyse.page import (
+    AtlasMeta,
+    Band,
+    DensityHistogram,
+    Example,
+    FeaturePage,
+    LogitEffects,
+    SAERef,
+)
 from saelab.config import AtlasConfig, TextConfig
 from saelab.data.text import text_batches
 from saelab.errors import InputError
@@ -217,23 +224,21 @@ def _merge(old: Tensor, new: Tensor, largest: bool) -> tuple[Tensor, Tensor, Ten
     return f[real], slot[real], j[real]
 
 
-def _fingerprint(sae_dir: Path, model: str, hook: str, cfg: AtlasConfig) -> str:
-    w = sae_dir / WEIGHTS_FILENAME
-    st = w.stat()
-    keep = cfg.model_dump(
-        exclude={
-            "tokens",
-            "progress",
-            "checkpoint_every",
-            "explainer_url",
-            "explainer_model",
-            "explain_features",
-            "eval_tokens",
-            "device",
-        }
-    )
-    blob = json.dumps([str(w.resolve()), st.st_size, st.st_mtime_ns, model, hook, keep], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+# Settings that do not change an atlas; and those the streaming pass does not depend on
+# (more tokens extend it; the explanations and the splice metrics come after it).
+_FREE = ("progress", "checkpoint_every", "device", "batch_size")
+_PASS_FREE = (*_FREE, "tokens", "explainer_url", "explainer_model", "explain_features", "eval_tokens")
+
+
+def atlas_settings(sae_dir: Path, model: str, hook: str, cfg: AtlasConfig,
+                   metrics: dict[str, Any] | None = None, pass_only: bool = False) -> stage.Settings:
+    """The settings that decide the atlas of the SAE in ``sae_dir`` (``pass_only``: those
+    that decide its streaming pass, which a resumed build must share)."""
+    values = {"sae": stage.file_identity(sae_dir / WEIGHTS_FILENAME), "model": model, "hook": hook,
+              **cfg.model_dump(exclude={"model", "hook"})}
+    if pass_only:
+        return stage.Settings.of("atlas pass", values, free=_PASS_FREE)
+    return stage.Settings.of("atlas", {**values, "metrics": metrics or None}, free=_FREE)
 
 
 def vocab_texts(tokenizer: Any) -> list[str]:
@@ -317,16 +322,16 @@ def _logit_effects(sae: SAE, lm: LoadedModel, hook: str,
     return pv, pi, nv, ni
 
 
-def _density_hist(density: np.ndarray) -> dict[str, Any]:
+def _density_hist(density: np.ndarray) -> DensityHistogram:
     lo, hi, nb = DENSITY_LOG10
     alive = density[density > 0]
     counts, _ = np.histogram(np.log10(np.clip(alive, 10**lo, 1.0)), bins=nb, range=(lo, hi))
-    return {"lo": lo, "hi": hi, "counts": counts.tolist(), "dead": int((density == 0).sum())}
+    return DensityHistogram(lo=lo, hi=hi, counts=counts.tolist(), dead=int((density == 0).sum()))
 
 
-def _pairs(ids: Tensor, values: Tensor) -> list[list]:
-    """[[id, value], ...] for a page, values to 4 decimals."""
-    return [[int(i), round(float(v), 4)] for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+def _pairs(ids: Tensor, values: Tensor) -> list[tuple[int, float]]:
+    """[(id, value), ...] for a page, values to 4 decimals."""
+    return [(int(i), round(float(v), 4)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
 def _round(xs: np.ndarray) -> list[float]:
@@ -356,6 +361,7 @@ class AtlasResult:
     features: int
     seconds: float
     tokens_per_s: float | None  # of the streaming pass; None when it was all resumed
+    reused: bool = False  # a finished atlas with these settings was already there
 
 
 @torch.no_grad()
@@ -380,6 +386,13 @@ def build_atlas(
         )
     if sae.cfg.hook_name and hook != sae.cfg.hook_name:
         raise InputError(f"the SAE in {sae_dir} was trained on {sae.cfg.hook_name}, not {hook}")
+    settings = atlas_settings(sae_dir, model, hook, cfg, metrics)
+    done = stage.finished(out, settings)
+    if done is not None and out.is_file():
+        if cfg.progress:
+            print(f"{out}: this atlas is already built with these settings; reusing it", file=sys.stderr)
+        return AtlasResult(out, int(done["tokens"]), int(done["features"]), 0.0, None, reused=True)
+    stage.clear(out)
     lm = lm or open_model(model, cfg.device)
     check_sae_fits(sae, lm, hook)
     dev = lm.device
@@ -388,7 +401,7 @@ def build_atlas(
     kc, r, c = 2 * cfg.top_examples, 2 * cfg.bands * cfg.band_examples, cfg.before + cfg.after + 1
 
     partial = out.with_name(out.name + ".partial")
-    fp = _fingerprint(sae_dir, model, hook, cfg)
+    fp = atlas_settings(sae_dir, model, hook, cfg, pass_only=True).fingerprint
     state_file, windows_file = partial / "state.pt", partial / "windows.bin"
     state = None
     if state_file.is_file():
@@ -465,196 +478,196 @@ def build_atlas(
     path = _finish(sae_dir, sae, lm, model, hook, cfg, state, windows_file, out, metrics)
     shutil.rmtree(partial, ignore_errors=True)
     seconds = time.perf_counter() - t_start
-    return AtlasResult(
-        path=path,
-        tokens=state.tokens,
-        features=n,
-        seconds=seconds,
-        tokens_per_s=pass_tokens / pass_seconds if pass_tokens else None,
-    )
+    rate = pass_tokens / pass_seconds if pass_tokens else None
+    stage.mark_finished(out, settings, {"features": n, "tokens": state.tokens,
+                                        "tokens_per_s": None if rate is None else round(rate, 1)},
+                        seconds=seconds)
+    return AtlasResult(path=path, tokens=state.tokens, features=n, seconds=seconds, tokens_per_s=rate)
 
 
-def _finish(
-    sae_dir: Path,
-    sae: SAE,
-    lm: LoadedModel,
-    model: str,
-    hook: str,
-    cfg: AtlasConfig,
-    s: _State,
-    windows_file: Path,
-    out: Path,
-    metrics: dict[str, Any],
-) -> Path:
+@dataclass
+class _Stats:
+    """Per-feature statistics of the pass: [F] arrays (and the [F, bins] histogram)."""
+
+    count_F: np.ndarray
+    density_F: np.ndarray
+    mean_act_F: np.ndarray
+    max_act_F: np.ndarray
+    hist_FB: np.ndarray
+
+    @classmethod
+    def of(cls, s: _State) -> _Stats:
+        count_F = s.count.cpu().numpy()
+        return cls(count_F=count_F, density_F=count_F / s.tokens,
+                   mean_act_F=(s.act_sum.cpu().numpy() / np.maximum(count_F, 1)).astype(np.float32),
+                   max_act_F=s.act_max.cpu().numpy(), hist_FB=s.hist.cpu().numpy())
+
+
+@dataclass
+class _Kept:
+    """The pass's kept candidates, sorted: top examples strongest first ([F, Kc]), the
+    uniform sample by its random key ([F, R]); contexts [F, ·, C]."""
+
+    top_val_FK: np.ndarray
+    top_win_FK: np.ndarray
+    top_pos_FK: np.ndarray
+    top_ctx_FKC: np.ndarray
+    res_key_FR: np.ndarray
+    res_val_FR: np.ndarray
+    res_win_FR: np.ndarray
+    res_pos_FR: np.ndarray
+    res_ctx_FRC: np.ndarray
+
+    @classmethod
+    def of(cls, s: _State) -> _Kept:
+        def by(order: Tensor, *ts: Tensor) -> list[np.ndarray]:
+            return [t.gather(1, order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[2]))
+                    .cpu().numpy() for t in ts]
+
+        # Slots are unordered during the pass.
+        o_top = torch.argsort(s.top_val, dim=1, descending=True, stable=True)
+        o_res = torch.argsort(s.res_key, dim=1, stable=True)
+        return cls(*by(o_top, s.top_val, s.top_win, s.top_pos, s.top_ctx),
+                   *by(o_res, s.res_key, s.res_val, s.res_win, s.res_pos, s.res_ctx))
+
+
+_Context = tuple[list[int], list[float], int, float]  # token ids, activations, peak index, activation
+
+
+@dataclass
+class _FeatureExamples:
+    """One feature's examples: shown (top, bands) and held out to score explanations."""
+
+    top: list[_Context]
+    bands: list[Band]
+    heldout: list[_Context]
+
+
+def _example(c: _Context) -> Example:
+    ids, acts, peak, act = c
+    return Example(act=act, peak=peak, t=ids, a=acts)
+
+
+def _examples_of(f: int, kept: _Kept, ex: _Examples, cfg: AtlasConfig) -> _FeatureExamples:
+    """Feature f's top examples (the same text around the peak counted once) and its
+    uniform sample: the first bands x band_examples shown in quantile bands, the rest held out."""
+    seen, top = set(), []
+    for j in range(kept.top_val_FK.shape[1]):
+        if not kept.top_val_FK[f, j] > 0 or len(top) == cfg.top_examples:
+            break
+        ids, acts, peak = ex.context(int(kept.top_win_FK[f, j]), int(kept.top_pos_FK[f, j]),
+                                     kept.top_ctx_FKC[f, j])
+        key = tuple(ids[max(0, peak - 8) : peak + 3])
+        if key in seen:
+            continue
+        seen.add(key)
+        top.append((ids, acts, peak, float(kept.top_val_FK[f, j])))
+    sample = [(int(kept.res_win_FR[f, j]), int(kept.res_pos_FR[f, j]), kept.res_ctx_FRC[f, j],
+               float(kept.res_val_FR[f, j]))
+              for j in range(kept.res_key_FR.shape[1]) if np.isfinite(kept.res_key_FR[f, j])]
+    shown_n = cfg.bands * cfg.band_examples
+    shown = sorted(sample[:shown_n], key=lambda e: e[3])
+    bands = []
+    for bi, part in enumerate(np.array_split(np.arange(len(shown)), cfg.bands)):
+        if not len(part):
+            continue
+        exs = [(*ex.context(shown[i][0], shown[i][1], shown[i][2]), shown[i][3]) for i in part]
+        bands.append(Band(band=bi, q=(bi / cfg.bands, (bi + 1) / cfg.bands), lo=exs[0][3], hi=exs[-1][3],
+                          examples=[_example(e) for e in exs]))
+    heldout = [(*ex.context(w, p, cx), v) for w, p, cx, v in sample[shown_n:]]
+    return _FeatureExamples(top, bands, heldout)
+
+
+@dataclass
+class _Links:
+    """Each feature's relations: nearest by decoder cosine, co-firing by Jaccard ([F, k]),
+    and the logit effects ([F, k] values and token ids, raised and lowered) if the model has
+    an LM head."""
+
+    near_v_FK: Tensor
+    near_i_FK: Tensor
+    co_v_FK: Tensor
+    co_i_FK: Tensor
+    logits: tuple[Tensor, Tensor, Tensor, Tensor] | None
+
+    def related(self, f: int) -> list[int]:
+        return self.near_i_FK[f].tolist() + [
+            int(i) for i, v in zip(self.co_i_FK[f].tolist(), self.co_v_FK[f].tolist(), strict=True) if v > 0]
+
+
+def _page(f: int, stats: _Stats, exs: _FeatureExamples, links: _Links, labels: list[tuple[str, float]],
+          explanation: tuple[str | None, float | None], vocab: list[str]) -> FeaturePage:
+    label, conf = labels[f]
+    top = [_example(c) for c in exs.top]
+    logits = None
+    used = {i for e in top + [x for b in exs.bands for x in b.examples] for i in e.t}
+    if links.logits is not None:
+        pv, pi, nv, ni = links.logits
+        logits = LogitEffects(pos=_pairs(pi[f], pv[f]), neg=_pairs(ni[f], nv[f]))
+        used |= {int(i) for i in pi[f].tolist() + ni[f].tolist()}
+    return FeaturePage(
+        id=f, label=label, label_confidence=conf, explanation=explanation[0],
+        explanation_score=explanation[1], density=float(stats.density_F[f]), count=int(stats.count_F[f]),
+        max_act=float(stats.max_act_F[f]), mean_act=float(stats.mean_act_F[f]),
+        hist=stats.hist_FB[f].tolist(), top=top, bands=exs.bands,
+        neighbours=_pairs(links.near_i_FK[f], links.near_v_FK[f]),
+        cofire=[p for p in _pairs(links.co_i_FK[f], links.co_v_FK[f]) if p[1] > 0],
+        labels={str(i): labels[i][0] for i in links.related(f)}, logits=logits,
+        vocab={str(i): vocab[i] for i in sorted(used)})
+
+
+def _fired_tokens(f: int, top: list[_Context]) -> list[tuple[int, int, float]]:
+    """(token id, feature, strongest activation) of each token f fires on in its top examples."""
+    fired: dict[int, float] = {}
+    for ids, acts, _, _ in top:
+        for i, a in zip(ids, acts, strict=True):
+            if a > 0 and a > fired.get(i, 0):
+                fired[i] = a
+    return [(i, f, a) for i, a in fired.items()]
+
+
+def _finish(sae_dir: Path, sae: SAE, lm: LoadedModel, model: str, hook: str, cfg: AtlasConfig,
+            s: _State, windows_file: Path, out: Path, metrics: dict[str, Any]) -> Path:
+    """From the pass's state to the atlas file: statistics, relations, examples and labels,
+    optional explanations, then the meta, the rows and the pages."""
     n, T = sae.n_latents, cfg.context_length
-    progress = cfg.progress
-    say = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
+    say = (lambda m: print(m, file=sys.stderr)) if cfg.progress else (lambda m: None)
     say("atlas: nearest features, co-firing, logit effects ...")
-    count = s.count.cpu().numpy()
-    density = count / s.tokens
-    mean_act = (s.act_sum.cpu().numpy() / np.maximum(count, 1)).astype(np.float32)
-    max_act = s.act_max.cpu().numpy()
-    hist = s.hist.cpu().numpy()
-    near_v, near_i = _nearest(sae, cfg.neighbours)
-    co_v, co_i = _cofiring(s.co_tok, s.co_feat, n, cfg.neighbours)
-    logits = _logit_effects(sae, lm, hook, cfg.logit_tokens)
+    stats, kept = _Stats.of(s), _Kept.of(s)
+    links = _Links(*_nearest(sae, cfg.neighbours), *_cofiring(s.co_tok, s.co_feat, n, cfg.neighbours),
+                   _logit_effects(sae, lm, hook, cfg.logit_tokens))
     vocab = vocab_texts(lm.tokenizer)
-    windows = np.fromfile(windows_file, dtype=np.int32).reshape(-1, T)
-    ex = _Examples(windows, cfg.before, cfg.after)
-
-    # Slots are unordered during the pass: top examples strongest first, the sample by key.
-    o = torch.argsort(s.top_val, dim=1, descending=True, stable=True)
-    top_val, top_win, top_pos = (t.gather(1, o).cpu().numpy() for t in (s.top_val, s.top_win, s.top_pos))
-    top_ctx = s.top_ctx.gather(1, o[..., None].expand(-1, -1, s.top_ctx.shape[2])).cpu().numpy()
-    o = torch.argsort(s.res_key, dim=1, stable=True)
-    res_key, res_val, res_win, res_pos = (
-        t.gather(1, o).cpu().numpy() for t in (s.res_key, s.res_val, s.res_win, s.res_pos)
-    )
-    res_ctx = s.res_ctx.gather(1, o[..., None].expand(-1, -1, s.res_ctx.shape[2])).cpu().numpy()
-    shown = cfg.bands * cfg.band_examples
-
-    tops: list[list[tuple[list[int], list[float], int, float]]] = []
-    bands: list[list[dict[str, Any]]] = []
-    heldout: list[list[tuple[list[int], list[float], int, float]]] = []
-    labels: list[tuple[str, float]] = []
-    for f in tqdm(range(n), desc="atlas examples", unit="feature", dynamic_ncols=True, disable=not progress):
-        seen, top = set(), []
-        for j in range(top_val.shape[1]):
-            if not top_val[f, j] > 0 or len(top) == cfg.top_examples:
-                break
-            ids, acts, peak = ex.context(int(top_win[f, j]), int(top_pos[f, j]), top_ctx[f, j])
-            key = tuple(ids[max(0, peak - 8) : peak + 3])  # the same text around the peak = a duplicate
-            if key in seen:
-                continue
-            seen.add(key)
-            top.append((ids, acts, peak, float(top_val[f, j])))
-        tops.append(top)
-        labels.append(auto_label([([vocab[i] for i in ids], p) for ids, _, p, _ in top]))
-        sample = [
-            (int(res_win[f, j]), int(res_pos[f, j]), res_ctx[f, j], float(res_val[f, j]))
-            for j in range(res_key.shape[1])
-            if np.isfinite(res_key[f, j])
-        ]
-        show = sorted(sample[:shown], key=lambda e: e[3])
-        rest = sample[shown:]
-        fb = []
-        for bi, part in enumerate(np.array_split(np.arange(len(show)), cfg.bands)):
-            if not len(part):
-                continue
-            exs = [(*ex.context(show[i][0], show[i][1], show[i][2]), show[i][3]) for i in part]
-            fb.append(
-                {
-                    "band": bi,
-                    "q": [bi / cfg.bands, (bi + 1) / cfg.bands],
-                    "lo": exs[0][3],
-                    "hi": exs[-1][3],
-                    "examples": exs,
-                }
-            )
-        bands.append(fb)
-        heldout.append([(*ex.context(w, p, cx), v) for w, p, cx, v in rest])
-
+    windows_WT = np.fromfile(windows_file, dtype=np.int32).reshape(-1, T)
+    ex = _Examples(windows_WT, cfg.before, cfg.after)
+    examples = [_examples_of(f, kept, ex, cfg) for f in tqdm(
+        range(n), desc="atlas examples", unit="feature", dynamic_ncols=True, disable=not cfg.progress)]
+    labels = [auto_label([([vocab[i] for i in ids], p) for ids, _, p, _ in e.top]) for e in examples]
     explanations: dict[int, tuple[str, float | None]] = {}
     if cfg.explainer_url and cfg.explain_features:
-        explanations = _explain(cfg, sae, lm, hook, windows, vocab, tops, bands, heldout, density)
+        explanations = _explain(cfg, sae, lm, hook, windows_WT, vocab, examples, stats.density_F)
 
     say("atlas: writing ...")
-    sae_cfg = sae.cfg.model_dump()
+    meta = AtlasMeta(
+        format_version=ATLAS_FORMAT_VERSION, saelab_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        sae=SAERef(path=str(sae_dir.resolve()), cfg=sae.cfg.model_dump()), model=model, hook_name=hook,
+        corpus=cfg.corpus, tokens=s.tokens, windows=s.windows, context_length=T, n_features=n,
+        has_logits=links.logits is not None,
+        settings=cfg.model_dump(exclude={"explainer_url", "progress", "device"}),
+        metrics={**metrics, "atlas_l0": float(stats.count_F.sum() / s.tokens),
+                 "atlas_dead_fraction": float((stats.count_F == 0).mean())},
+        hist_log10=HIST_LOG10, density_hist=_density_hist(stats.density_F))
     writer = AtlasWriter(out)
     try:
-        writer.meta(
-            {
-                "format_version": ATLAS_FORMAT_VERSION,
-                "saelab_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "sae": {"path": str(sae_dir.resolve()), "cfg": sae_cfg},
-                "model": model,
-                "hook_name": hook,
-                "corpus": cfg.corpus,
-                "tokens": s.tokens,
-                "windows": s.windows,
-                "context_length": T,
-                "n_features": n,
-                "has_logits": logits is not None,
-                "settings": cfg.model_dump(exclude={"explainer_url", "progress", "device"}),
-                "metrics": {
-                    **metrics,
-                    "atlas_l0": float(count.sum() / s.tokens),
-                    "atlas_dead_fraction": float((count == 0).mean()),
-                },
-                "hist_log10": list(HIST_LOG10),
-                "density_hist": _density_hist(density),
-            }
-        )
+        writer.meta(meta.model_dump(exclude_none=True))
         writer.vocab(vocab)
-        rows, tf_rows, pages = [], [], []
-        for f in range(n):
-            label, conf = labels[f]
-            expl, score = explanations.get(f, (None, None))
-            rows.append(
-                (
-                    f,
-                    float(density[f]),
-                    int(count[f]),
-                    float(max_act[f]),
-                    float(mean_act[f]),
-                    label,
-                    conf,
-                    expl,
-                    score,
-                )
-            )
-            fired: dict[int, float] = {}
-            for ids, acts, _, _ in tops[f]:
-                for i, a in zip(ids, acts, strict=True):
-                    if a > 0 and a > fired.get(i, 0):
-                        fired[i] = a
-            tf_rows.extend((i, f, a) for i, a in fired.items())
-            related = [int(i) for i in near_i[f].tolist()] + [
-                int(i) for i, v in zip(co_i[f].tolist(), co_v[f].tolist(), strict=True) if v > 0
-            ]
-            page = {
-                "id": f,
-                "label": label,
-                "label_confidence": conf,
-                "explanation": expl,
-                "explanation_score": score,
-                "density": float(density[f]),
-                "count": int(count[f]),
-                "max_act": float(max_act[f]),
-                "mean_act": float(mean_act[f]),
-                "hist": hist[f].tolist(),
-                "top": [{"act": v, "peak": p, "t": ids, "a": a} for ids, a, p, v in tops[f]],
-                "bands": [
-                    {
-                        **{k: b[k] for k in ("band", "q", "lo", "hi")},
-                        "examples": [
-                            {"act": v, "peak": p, "t": ids, "a": a} for ids, a, p, v in b["examples"]
-                        ],
-                    }
-                    for b in bands[f]
-                ],
-                "neighbours": _pairs(near_i[f], near_v[f]),
-                "cofire": [p for p in _pairs(co_i[f], co_v[f]) if p[1] > 0],
-                "labels": {str(i): labels[i][0] for i in related},
-            }
-            used = {
-                i for e in page["top"] + [x for b in page["bands"] for x in b["examples"]] for i in e["t"]
-            }
-            if logits is not None:
-                pv, pi, nv, ni = logits
-                page["logits"] = {"pos": _pairs(pi[f], pv[f]), "neg": _pairs(ni[f], nv[f])}
-                used |= {int(i) for i in pi[f].tolist() + ni[f].tolist()}
-            page["vocab"] = {str(i): vocab[i] for i in sorted(used)}
-            pages.append((f, pack_page(page)))
-            if len(pages) >= 2048:
-                writer.features(rows)
-                writer.token_features(tf_rows)
-                writer.pages(pages)
-                rows, tf_rows, pages = [], [], []
-        writer.features(rows)
-        writer.token_features(tf_rows)
-        writer.pages(pages)
+        for a, b in _chunks(n, 2048):
+            pages = [_page(f, stats, examples[f], links, labels, explanations.get(f, (None, None)), vocab)
+                     for f in range(a, b)]
+            writer.features([(p.id, p.density, p.count, p.max_act, p.mean_act, p.label, p.label_confidence,
+                              p.explanation, p.explanation_score) for p in pages])
+            writer.token_features([r for f in range(a, b) for r in _fired_tokens(f, examples[f].top)])
+            writer.pages([(p.id, pack_page(p.model_dump())) for p in pages])
         return writer.close()
     except BaseException:
         writer.abort()
@@ -668,9 +681,7 @@ def _explain(
     hook: str,
     windows: np.ndarray,
     vocab: list[str],
-    tops: list,
-    bands: list,
-    heldout: list,
+    examples: list[_FeatureExamples],
     density: np.ndarray,
 ) -> dict[int, tuple[str, float | None]]:
     """Explain a random sample of ``explain_features`` firing features; score each by detection
@@ -695,11 +706,11 @@ def _explain(
     for j, f in enumerate(
         tqdm(chosen, desc="explain", unit="feature", dynamic_ncols=True, disable=not cfg.progress)
     ):
-        shown = [([vocab[i] for i in e[0]], e[1]) for e in tops[f]] + [
-            ([vocab[i] for i in t], a) for b in bands[f] for t, a, _, _ in b["examples"]
+        shown = [([vocab[i] for i in e[0]], e[1]) for e in examples[f].top] + [
+            ([vocab[i] for i in e.t], e.a) for b in examples[f].bands for e in b.examples
         ]
         explanation = explainer.explain(shown)
-        pos = [[vocab[i] for i in e[0]] for e in heldout[f]][:5]
+        pos = [[vocab[i] for i in e[0]] for e in examples[f].heldout][:5]
         # clean[w, s]: no firing (and no padding) in positions s .. s+span-1 of window w
         c = torch.nn.functional.pad(fired[:, :, j].long().cumsum(1), (1, 0))
         clean = (

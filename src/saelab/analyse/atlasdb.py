@@ -16,25 +16,14 @@ Schema (``format_version`` 1)::
                                                      -- optional (added by add_relatives): the
                                                      -- closest features in other dictionaries
 
-A page (``Atlas.page(id)``) holds the features row's fields and::
-
-    hist        [48] int: firings per activation bin (edges in meta hist_log10: lo, hi, bins)
-    top         [{act, peak, t, a}]: top examples, strongest first; t = token ids of the
-                context, a = the feature's activation on each, peak = index of the maximum
-    bands       [{band, q: [from, to], lo, hi, examples: [{act, peak, t, a}]}]: quantile
-                bands of a uniform sample of firings, weakest first
-    logits      {pos: [[token id, logit]], neg: [...]}: decoder direction through the
-                final norm's scale and the unembedding (models with an LM head)
-    neighbours  [[feature, decoder cosine]]; cofire [[feature, Jaccard index]]
-    labels      {feature: label} of the features linked; vocab {token id: text} of the tokens used
+A page (``Atlas.page(id)``, gzip'd JSON in ``pages``) is a
+:class:`~saelab.analyse.page.FeaturePage` and ``meta`` holds the fields of
+:class:`~saelab.analyse.page.AtlasMeta` (one JSON value per key): the types, their fields
+and what each means are defined there, once, for the builder, this reader, the study and
+the viewer (which gets their JSON schema from ``/api/schema``).
 
 Indexes serve the viewer's queries: features by density, max activation and label;
-token_features by token then activation. ``meta`` holds
-``format_version``, ``saelab_version``, ``sae`` (its path and cfg), ``model``, ``hook_name``,
-``corpus``, ``tokens``, ``windows``, ``context_length``, ``metrics`` (FVU, L0, dead,
-CE loss recovered, …), ``hist_edges_log10`` (activation histogram bins, shared by all
-features), ``density_hist`` (the global log-density histogram) and, when relatives were
-added, ``relatives`` ({dictionary name: path of its atlas, or null}).
+token_features by token then activation.
 
 The file is built beside its target and renamed into place, so an atlas is either the
 old one or the complete new one.
@@ -51,6 +40,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from saelab.analyse.page import AtlasMeta, FeaturePage
+from saelab.config_base import validation_message
 from saelab.errors import InputError
 
 ATLAS_FORMAT_VERSION = 1
@@ -192,6 +185,11 @@ class Atlas:
                 f"{self.path}: atlas format version {version!r}, this saelab reads "
                 f"{ATLAS_FORMAT_VERSION}; rebuild it with `saelab atlas`"
             )
+        try:
+            AtlasMeta.model_validate(self.meta)
+        except ValidationError as e:
+            raise InputError(f"{self.path}: its meta does not match this saelab's atlas "
+                             f"({validation_message(e)}); rebuild it with `saelab atlas`") from None
         self.n_features = int(self._db().execute("SELECT COUNT(*) FROM features").fetchone()[0])
 
     def _db(self) -> sqlite3.Connection:
@@ -207,9 +205,9 @@ class Atlas:
         row = self._db().execute("SELECT json FROM pages WHERE feature = ?", (feature,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def page(self, feature: int) -> dict[str, Any] | None:
+    def page(self, feature: int) -> FeaturePage | None:
         raw = self.page_gz(feature)
-        return None if raw is None else json.loads(gzip.decompress(raw))
+        return None if raw is None else FeaturePage.model_validate_json(gzip.decompress(raw))
 
     def list_features(
         self,

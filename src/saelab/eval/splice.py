@@ -14,8 +14,10 @@ dead and dense fractions of the SAE on the same tokens come with it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,14 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saelab import stage
 from saelab.activations.harvest import first_tokens
 from saelab.activations.hooks import run_hooked
 from saelab.config import TextConfig
 from saelab.data.text import TokenBatch, text_batches
 from saelab.errors import InputError
 from saelab.eval.metrics import ReconstructionAccumulator
+from saelab.io import atomic_write_json
 from saelab.models import LoadedModel
-from saelab.sae.base import SAE, check_sae_fits
+from saelab.sae.base import SAE, WEIGHTS_FILENAME, check_sae_fits
 
 CONDITIONS = ("spliced", "zero", "mean")
 
@@ -185,3 +189,31 @@ def splice_eval(sae: SAE, lm: LoadedModel, text: TextConfig, tokens: int = 4096,
     else:
         result.cos_spliced, result.cos_zero, result.cos_mean = (cos[c] / windows for c in CONDITIONS)
     return result
+
+
+def splice_settings(sae_dir: Path, text: TextConfig, tokens: int, hook: str | None) -> stage.Settings:
+    """The settings that decide a splice evaluation of the SAE in ``sae_dir``."""
+    return stage.Settings.of("splice evaluation", {
+        "sae": stage.file_identity(Path(sae_dir) / WEIGHTS_FILENAME), "tokens": tokens, "hook": hook,
+        **text.model_dump()}, free=("device", "batch_size"))
+
+
+def saved_splice_eval(sae_dir: str | Path, out: str | Path, model: Callable[[], LoadedModel],
+                      text: TextConfig, tokens: int, hook: str | None = None,
+                      progress: bool = True) -> tuple[dict[str, Any], bool]:
+    """:func:`splice_eval` of the SAE in ``sae_dir``, its figures written to the JSON file
+    ``out``; a second call with the same settings reads them back without loading the
+    model (``model`` is only called when the evaluation runs). Returns (figures, reused)."""
+    sae_dir, out = Path(sae_dir), Path(out)
+    settings = splice_settings(sae_dir, text, tokens, hook)
+    if stage.finished(out, settings) is not None:
+        try:
+            return json.loads(out.read_text(encoding="utf-8")), True
+        except (OSError, json.JSONDecodeError):
+            pass  # the figures were removed or damaged since: measure again
+    stage.clear(out)
+    figures = splice_eval(SAE.load(sae_dir), model(), text, tokens=tokens, hook=hook,
+                          progress=progress).as_dict()
+    atomic_write_json(out, figures)
+    stage.mark_finished(out, settings, {"figures": str(out)})
+    return figures, False

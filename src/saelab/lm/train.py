@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saelab import stage
 from saelab.config import LMConfig
 from saelab.data.text import Corpus, Split
 from saelab.device import resolve_device
@@ -168,15 +169,17 @@ def _optimizer(model: Any, cfg: LMConfig) -> torch.optim.Optimizer:
                              fused=True)
 
 
-def _same_run(saved: dict[str, Any], cfg: LMConfig) -> None:
-    now = cfg.model_dump()
-    diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-    if diff:
-        raise InputError(
-            "the output folder holds a run with other settings ("
-            + ", ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in diff)
-            + "); pass a new --out or the same settings"
-        )
+def lm_settings(cfg: LMConfig) -> stage.Settings:
+    """The settings that decide the trained model (what its run folder records)."""
+    return stage.Settings.of("language-model run", cfg.model_dump(), free=RESUMABLE_CHANGES)
+
+
+def _same_run(saved: dict[str, Any], cfg: LMConfig, out: Path) -> None:
+    # A setting added after the run was recorded counts as its default there.
+    defaults = {k: f.default for k, f in LMConfig.model_fields.items() if not f.is_required()}
+    now = lm_settings(cfg)
+    then = stage.Settings.of(now.stage, {**defaults, **saved}, free=RESUMABLE_CHANGES)
+    now.require_same(then, out, fix="pass a new --out or the same settings")
 
 
 def train_lm(cfg: LMConfig, out: str | Path) -> LMResult:
@@ -185,14 +188,19 @@ def train_lm(cfg: LMConfig, out: str | Path) -> LMResult:
 
     out = Path(out)
     final = out / MODEL_DIR
-    if (final / INFO).exists():
+    settings = lm_settings(cfg)
+    if stage.finished(out, settings) is not None and (final / INFO).is_file():
         info = json.loads((final / INFO).read_text())
-        _same_run(info["config"], cfg)
+        return LMResult(final, float(info["heldout_loss"]), info)
+    if (final / INFO).exists():  # finished, by this or an older saelab: same settings, or say which differ
+        info = json.loads((final / INFO).read_text())
+        _same_run(info["config"], cfg, out)
+        stage.mark_finished(out, settings, {"model": str(final), "heldout_loss": info["heldout_loss"]})
         return LMResult(final, float(info["heldout_loss"]), info)
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = out / "lm_config.json"
     if run_cfg.exists():
-        _same_run(json.loads(run_cfg.read_text()), cfg)
+        _same_run(json.loads(run_cfg.read_text()), cfg, out)
     else:
         atomic_write_json(run_cfg, cfg.model_dump())
     corpus = Corpus(cfg.corpus, heldout_fraction=cfg.heldout_fraction)
@@ -294,6 +302,7 @@ def train_lm(cfg: LMConfig, out: str | Path) -> LMResult:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    stage.mark_finished(out, settings, {"model": str(final), "heldout_loss": held}, seconds=train_s)
     return LMResult(final, float(held), info)
 
 

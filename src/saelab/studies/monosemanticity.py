@@ -41,11 +41,12 @@ from saelab.activations.source import open_source
 from saelab.analyse.atlas import build_atlas
 from saelab.analyse.atlasdb import Atlas, add_relatives
 from saelab.analyse.explain import show_token
+from saelab.analyse.page import Example
 from saelab.analyse.split import Family, families, relatives
 from saelab.config import AtlasConfig, HarvestConfig, TextConfig, _Config, build
 from saelab.data.text import text_batches
 from saelab.eval.scaling import run_sweep
-from saelab.eval.splice import splice_eval
+from saelab.eval.splice import saved_splice_eval
 from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text
 from saelab.models import LoadedModel, open_model
 from saelab.sae.base import SAE, create
@@ -133,10 +134,10 @@ def _say(cfg: MonosemanticityConfig, msg: str) -> None:
 
 
 # ------------------------------------------------------------------ measures per feature
-def token_concentration(page: dict[str, Any]) -> float | None:
+def token_concentration(top: list[Example]) -> float | None:
     """1 − normalised entropy of the tokens the top examples peak on: 1 when every top
     example peaks on the same token, 0 when each peaks on a different one."""
-    peaks = [e["t"][e["peak"]] for e in page["top"]]
+    peaks = [e.t[e.peak] for e in top]
     if not peaks:
         return None
     if len(peaks) == 1:
@@ -145,9 +146,9 @@ def token_concentration(page: dict[str, Any]) -> float | None:
     return float(1 + (p * np.log(p)).sum() / math.log(len(peaks)))
 
 
-def rule_tokens(page: dict[str, Any], n: int = 3) -> list[int]:
+def rule_tokens(top: list[Example], n: int = 3) -> list[int]:
     """The token ids most of a feature's top examples peak on (its token-rule explanation)."""
-    return [t for t, _ in Counter(e["t"][e["peak"]] for e in page["top"]).most_common(n)]
+    return [t for t, _ in Counter(e.t[e.peak] for e in top).most_common(n)]
 
 
 def detection_f1(
@@ -196,28 +197,28 @@ def interpretability(
 ) -> list[dict[str, Any]]:
     """The per-feature measures of one atlas (features that fired on the atlas tokens)."""
     atlas = Atlas(atlas_path)
-    pages = [atlas.page(f) for f in range(atlas.n_features)]
+    pages = [p for f in range(atlas.n_features) if (p := atlas.page(f)) is not None]
     f1 = detection_f1(
         sae,
         lm,
         cfg.hook,
         text,
-        [rule_tokens(p) for p in pages],
+        [rule_tokens(p.top) for p in pages],
         cfg.detect_tokens,
         int(atlas.meta["windows"]),
     )
     rows = []
     for f, p in enumerate(pages):
-        if not p["top"]:
+        if not p.top:
             continue
         rows.append(
             {
                 "feature": f,
-                "label": p["label"],
-                "label_confidence": p["label_confidence"],
-                "token_concentration": token_concentration(p),
+                "label": p.label,
+                "label_confidence": p.label_confidence,
+                "token_concentration": token_concentration(p.top),
                 "detection_f1": None if np.isnan(f1[f]) else float(f1[f]),
-                "density": p["density"],
+                "density": p.density,
             }
         )
     return rows
@@ -296,14 +297,8 @@ def run_study(cfg: MonosemanticityConfig, out: str | Path) -> dict[str, Any]:
     rows = []
     for r in sweep.rows:
         name = _name(r["architecture"], r["n_latents"] / d)
-        cache = out / "splice" / f"{name}.json"
-        if cache.exists():
-            s = json.loads(cache.read_text())
-        else:
-            s = splice_eval(
-                SAE.load(dirs[name]), lm, text, tokens=cfg.eval_tokens, hook=cfg.hook, progress=cfg.progress
-            ).as_dict()
-            atomic_write_json(cache, s)
+        s, _ = saved_splice_eval(dirs[name], out / "splice" / f"{name}.json", lambda: lm, text,
+                                 cfg.eval_tokens, cfg.hook, progress=cfg.progress)
         rows.append(
             {
                 "dictionary": name,
@@ -348,16 +343,15 @@ def run_study(cfg: MonosemanticityConfig, out: str | Path) -> dict[str, Any]:
     for name in wanted:
         sae_dir = neuron_dir if name == NEURONS else dirs[name]
         path = out / "atlas" / f"{name}.atlas"
-        if not path.exists():
-            metrics = next(
-                (
-                    {k: v for k, v in r.items() if k not in ("dictionary", "architecture")}
-                    for r in rows
-                    if r["dictionary"] == name
-                ),
-                {"note": "the model's own neurons"},
-            )
-            build_atlas(sae_dir, atlas_cfg, path, lm=lm, metrics=metrics)
+        metrics = next(
+            (
+                {k: v for k, v in r.items() if k not in ("dictionary", "architecture")}
+                for r in rows
+                if r["dictionary"] == name
+            ),
+            {"note": "the model's own neurons"},
+        )
+        build_atlas(sae_dir, atlas_cfg, path, lm=lm, metrics=metrics)  # reused when finished
         atlases[name] = path
     timings["atlases"] = time.perf_counter() - t
 
@@ -495,9 +489,9 @@ def _example_text(atlas: Atlas, feature: int, n: int = 2, before: int = 10) -> l
     if page is None:
         return []
     out = []
-    for e in page["top"][:n]:
-        toks = [page["vocab"].get(str(i), "?") for i in e["t"]]
-        p = e["peak"]
+    for e in page.top[:n]:
+        toks = [page.vocab.get(str(i), "?") for i in e.t]
+        p = e.peak
         left = "".join(show_token(t) for t in toks[max(0, p - before) : p])
         right = "".join(show_token(t) for t in toks[p + 1 : p + 4])
         out.append(f"{left}[[{show_token(toks[p])}]]{right}".replace("|", "\\|"))

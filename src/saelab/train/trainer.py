@@ -29,13 +29,14 @@ from pydantic import ValidationError
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saelab import stage
 from saelab.activations.source import ActivationSource, open_source
 from saelab.config import FORMAT_VERSION, build, validation_message
 from saelab.device import resolve_device
-from saelab.errors import InputError, SaelabError, TrainingDiverged
+from saelab.errors import InputError, TrainingDiverged
 from saelab.io import atomic_torch_save, atomic_write_text
 from saelab.parallel import SINGLE, Communicator
-from saelab.sae.base import CFG_FILENAME, SAE, TrainContext, create, fvu
+from saelab.sae.base import CFG_FILENAME, SAE, WEIGHTS_FILENAME, TrainContext, create, fvu
 from saelab.sae.config import migrate_sae_v1, migrate_train_v1
 from saelab.train import memory
 from saelab.train.config import TrainConfig
@@ -124,6 +125,8 @@ class Trainer:
         self.elapsed = 0.0
         self.finished = False
         self.last_checkpoint_step: int | None = None
+        self.settings = run_settings(cfg)
+        self.reused: SAE | None = None  # the finished SAE found in out_dir, if begin() found one
         self._retaining: weakref.finalize | None = None  # releases this run's memory.retain()
 
     def _latent_shard(self, full: SAE) -> SAE:
@@ -265,6 +268,21 @@ class Trainer:
     def _checkpoint_path(self) -> Path | None:
         return self.out_dir / CHECKPOINT if self.out_dir is not None else None
 
+    def _reuse(self) -> bool:
+        """Take the SAE a finished run with these settings left in out_dir (its completion
+        marker says so), without reading the checkpoint."""
+        if self.out_dir is None or stage.finished(self.out_dir, self.settings) is None \
+                or not (self.out_dir / WEIGHTS_FILENAME).is_file():
+            return False
+        sae = SAE.load(self.out_dir)
+        if (sae.d_in, sae.cfg.d_out) != (self.sae_cfg.d_in, self.sae_cfg.d_out):
+            raise InputError(
+                f"{self.out_dir} holds an SAE of width {sae.d_in}, these activations have width "
+                f"{self.source.d_in}; use another --out")
+        self.reused = sae.to(self.device).eval()
+        self.finished = True
+        return True
+
     def _try_resume(self) -> bool:
         path = self._checkpoint_path()
         if path is None or not path.exists():
@@ -287,17 +305,7 @@ class Trainer:
         except ValidationError as e:
             raise InputError(f"{path} holds settings this saelab cannot read ({validation_message(e)}); "
                              "delete it to start over") from None
-        old, new = _flat(written.model_dump()), _flat(self.cfg.model_dump())
-        changed = [
-            f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
-            for k in sorted(set(old) | set(new))
-            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
-        ]
-        if changed:
-            raise SaelabError(
-                f"{self.out_dir} holds a run with other settings: {', '.join(changed)}; "
-                "use another --out, or delete that folder to start over"
-            )
+        self.settings.require_same(run_settings(written), self.out_dir)
         if state["sae_config"]["d_in"] != self.source.d_in:
             raise InputError(
                 f"{self.out_dir} was trained on width {state['sae_config']['d_in']}, "
@@ -386,10 +394,15 @@ class Trainer:
             self._retaining = None
 
     def begin(self) -> bool:
-        """Resume from the checkpoint or initialise from the data; True if already finished."""
+        """Reuse the finished SAE in ``out_dir``, resume from the checkpoint or initialise from
+        the data; True if already finished."""
+        if self._reuse():
+            return True
         resumed = self._try_resume()
         if self.finished:
             return True
+        if self.out_dir is not None and self.out_dir.is_dir() and self.comm.is_main:
+            stage.clear(self.out_dir)  # the folder is about to change: it is no finished run now
         if not resumed:
             self._init_from_data()
             if self.out_dir is not None and self.comm.is_main:
@@ -474,6 +487,8 @@ class Trainer:
     def end(self) -> SAE:
         """Mark the run finished, write the final checkpoint, save and return the SAE (for a
         run ``begin`` found finished: just return it)."""
+        if self.reused is not None:
+            return self.reused
         if self.finished:
             return self._finish(already=True)
         self.elapsed = self._elapsed_before + time.perf_counter() - self._t0
@@ -544,9 +559,20 @@ class Trainer:
         if self.out_dir is not None and self.comm.is_main \
                 and not (already and (self.out_dir / CFG_FILENAME).exists()):
             final.save(self.out_dir)
+        if self.out_dir is not None and self.comm.is_main:
+            stage.mark_finished(self.out_dir, self.settings, {
+                "architecture": self.sae_cfg.architecture, "n_latents": self.n, "d_in": self.sae_cfg.d_in,
+                "steps": self.steps, "tokens": self.steps * self.cfg.batch_size},
+                seconds=self.elapsed)
         self.comm.barrier()
         final.eval()
         return final
+
+
+def run_settings(cfg: TrainConfig) -> stage.Settings:
+    """The settings that decide a training run's result (what its checkpoint and its
+    completion marker record)."""
+    return stage.Settings.of("training run", cfg.model_dump(), free=RESUMABLE_CHANGES)
 
 
 def train_sae(
@@ -566,14 +592,3 @@ def train_sae(
         config = build(TrainConfig, **{**config.model_dump(), **overrides})
     source = open_source(data, drop_nonfinite=config.drop_nonfinite)
     return Trainer(source, config, out_dir).run()
-
-
-def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dump as one level: {"sae": {"k": 4}} -> {"sae.k": 4}."""
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

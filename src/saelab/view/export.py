@@ -1,9 +1,10 @@
 """The atlas as a static site: the viewer's files plus its data as JavaScript files.
 
 The site needs no server: open ``index.html`` from disk or host the folder anywhere. Data
-comes as ``<script>`` files (``data/meta.js``, ``data/list.js``, ``data/tokens.js`` and one
-``data/f/<id>.js`` per feature) rather than JSON fetched by the page, because browsers
-refuse ``fetch`` on ``file://`` pages. Everything but the live text box works.
+comes as ``<script>`` files (``data/meta.js``, which also carries the page schema,
+``data/list.js``, ``data/tokens.js`` and one ``data/f/<id>.js`` per feature) rather than
+JSON fetched by the page, because browsers refuse ``fetch`` on ``file://`` pages.
+Everything but the live text box works.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from saelab.analyse.atlasdb import Atlas
+from saelab.analyse.page import schema
 from saelab.view.server import STATIC
 
 LIST_KEYS = ("id", "density", "max_act", "label", "label_confidence", "explanation", "explanation_score")
@@ -42,6 +44,7 @@ def export_html(atlas_path: str | Path, out: str | Path, progress: bool = True) 
         **atlas.meta,
         "live": False,
         "live_error": "a static export has no live model; `saelab serve ATLAS` has the text box",
+        "schema": schema(),
     }
     (tmp / "data" / "meta.js").write_text(f"window.SAELAB_STATIC = {_js(meta)};\n")
     _, items = atlas.list_features("id", False, limit=max(atlas.n_features, 1))

@@ -8,6 +8,7 @@ Routes::
     GET  /api/features           the feature list: sort, order, q (label/explanation text),
                                  min_density, max_density, offset, limit
     GET  /api/feature/{id}       one feature's page (stored gzip'd; sent as is)
+    GET  /api/schema             JSON schemas of a page and of the meta (saelab.analyse.page)
     GET  /api/search?q=          by id, by label/explanation text, by token
     POST /api/live {"text": …}   the SAE run live on the text: features per token
     POST /api/steer {"feature", "prompt", "mode", "value", "max_new_tokens"}
@@ -44,6 +45,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from saelab.analyse.atlasdb import SORTS, Atlas
+from saelab.analyse.page import schema
 from saelab.errors import SaelabError
 
 STATIC = Path(__file__).parent / "static"
@@ -238,6 +240,10 @@ def create_app(
             "dictionaries": served,
             "current": current,
         }
+
+    @app.get("/api/schema")
+    def page_schema() -> dict[str, Any]:
+        return schema()
 
     @app.get("/api/features")
     def features(

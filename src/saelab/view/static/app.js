@@ -71,6 +71,7 @@ async function allFeatures() { return staticList || (staticList = await loadScri
 
 const api = {
   meta: () => STATIC ? Promise.resolve(STATIC) : getJSON("api/meta"),
+  schema: () => STATIC ? Promise.resolve(STATIC.schema) : getJSON("api/schema"),
   feature: (id) => STATIC ? loadScript(`data/f/${id}.js`, "f" + id) : getJSON(`api/feature/${id}`),
   async list(p) {
     if (!STATIC) {
@@ -200,8 +201,21 @@ function relativesList(items) {
     el("div", { id: "relatives" }, Object.entries(groups).map(group))];
 }
 
+// The page contract (saelab.analyse.page, served as a JSON schema): the fields a page must
+// have, at the top and in each example, so an atlas this viewer cannot draw says what it lacks.
+let SCHEMA = null;
+function missingFields(f) {
+  const page = SCHEMA.page, example = page.$defs.Example;
+  const lacks = (obj, def, where) => (def.required || []).filter((k) => !(k in obj)).map((k) => where + k);
+  const examples = [...(f.top || []), ...(f.bands || []).flatMap((b) => b.examples || [])];
+  return [...lacks(f, page, ""), ...examples.slice(0, 1).flatMap((e) => lacks(e, example, "example."))];
+}
+
 async function pageFeature(id) {
   const [f, rel] = await Promise.all([api.feature(id), api.relatives(id)]);
+  SCHEMA = SCHEMA || await api.schema();
+  const missing = missingFields(f);
+  if (missing.length) throw new Error(`feature ${id}'s page lacks ${missing.join(", ")}: rebuild the atlas with this saelab (saelab atlas)`);
   const vocab = f.vocab;
   const max = f.max_act || 1;
   const [lo, hi, nb] = META.hist_log10;
