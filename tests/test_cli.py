@@ -64,6 +64,37 @@ def test_help_lists_every_option() -> None:
         assert run_cli(cmd, "--help").returncode == 0
 
 
+def test_each_commands_options_come_from_its_config() -> None:
+    """Every field of a command's config is a flag whose help gives the config's default, and
+    the parsed flags build that config (so a default lives in one place)."""
+    import argparse
+
+    from saelab.cli import build_parser
+    from saelab.config import EvalConfig, ServeConfig, SplitConfig, SteerConfig
+    from saelab.flags import from_args
+    from saelab.studies.superposition import ToySweepConfig
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    commands = {"eval": (EvalConfig, ["SAE"]), "serve": (ServeConfig, ["A.atlas"]),
+                "steer": (SteerConfig, ["--sae", "s", "--feature", "1", "--ablate", "--prompt", "Hi"]),
+                "split": (SplitConfig, ["small", "large"]), "toy": (ToySweepConfig, [])}
+    for cmd, (cfg, needed) in commands.items():
+        helps = {a.dest: a.help for a in subs[cmd]._actions}
+        for name, field in cfg.model_fields.items():
+            if name == "data":
+                continue  # the toy data's own settings: the sweep's defaults
+            assert name in helps, f"saelab {cmd} has no flag for {cfg.__name__}.{name}"
+            default = field.get_default(call_default_factory=True)
+            if default is not None and not field.is_required():
+                assert f"[default: {default}]" in helps[name], (cmd, name, helps[name])
+        args = parser.parse_args([cmd, *needed])
+        assert from_args(cfg, args) == cfg.model_validate(
+            {k: getattr(args, k) for k in cfg.model_fields if getattr(args, k, None) is not None})
+    args = parser.parse_args(["serve", "A.atlas", "--port", "9001", "--no-live"])
+    assert from_args(ServeConfig, args) == ServeConfig(port=9001, live=False)
+
+
 def test_architecture_settings_are_checked_and_old_names_still_work(acts, tmp_path) -> None:
     """A setting the architecture does not have is refused with the architectures that have it;
     saelab 0.4's flag names (--jumprelu-bandwidth) still work."""

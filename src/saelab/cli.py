@@ -129,22 +129,25 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from saelab.config import EvalConfig
     from saelab.errors import InputError
+    from saelab.flags import from_args
     from saelab.sae.base import SAE
 
+    cfg = from_args(EvalConfig, args)
     sae = SAE.load(args.sae_dir)
-    if args.acts is None and args.model is None and sae.cfg.model_name:
-        args.model = sae.cfg.model_name
-    if args.acts is not None and args.model is not None:
+    if args.acts is not None and cfg.model is not None:
         raise InputError("pass either --acts (reconstruction only) or --model (splice into the model)")
-    if args.acts is None and args.model is None:
-        raise InputError(f"{args.sae_dir}: its cfg.json names no model; pass --acts or --model")
-    if args.model is not None:
-        return _eval_splice(args, sae)
-    return _eval_acts(args, sae)
+    if args.acts is None and cfg.model is None:
+        if not sae.cfg.model_name:
+            raise InputError(f"{args.sae_dir}: its cfg.json names no model; pass --acts or --model")
+        cfg = cfg.model_copy(update={"model": sae.cfg.model_name})
+    if cfg.model is not None:
+        return _eval_splice(args, cfg, sae)
+    return _eval_acts(args, cfg, sae)
 
 
-def _eval_acts(args: argparse.Namespace, sae: Any) -> int:
+def _eval_acts(args: argparse.Namespace, cfg: Any, sae: Any) -> int:
     from saelab.activations.source import open_source
     from saelab.errors import InputError
     from saelab.eval.metrics import evaluate_reconstruction
@@ -157,7 +160,7 @@ def _eval_acts(args: argparse.Namespace, sae: Any) -> int:
                              f"{sae.cfg.hook_name_out or 'its output hook'})")
         source: Any = open_pairs(args.acts, args.target_acts)
     else:
-        source = open_source(args.acts, drop_nonfinite=args.drop_nonfinite)
+        source = open_source(args.acts, drop_nonfinite=cfg.drop_nonfinite)
     if source.d_in != sae.d_in:
         raise InputError(
             f"{args.acts} has width {source.d_in} but the SAE in {args.sae_dir} reads d_in = "
@@ -167,7 +170,7 @@ def _eval_acts(args: argparse.Namespace, sae: Any) -> int:
     if hook and sae.cfg.hook_name and hook != sae.cfg.hook_name:
         raise InputError(f"{args.acts} holds {hook} but the SAE in {args.sae_dir} reads "
                          f"{sae.cfg.hook_name}")
-    m = evaluate_reconstruction(sae, source.rows(args.batch_size, limit=args.max_rows))
+    m = evaluate_reconstruction(sae, source.rows(cfg.batch_size, limit=cfg.max_rows))
     result = {"sae": str(args.sae_dir), "acts": str(args.acts),
               "architecture": sae.cfg.architecture, "n_latents": sae.n_latents, **m.as_dict()}
     if args.json:
@@ -181,20 +184,17 @@ def _eval_acts(args: argparse.Namespace, sae: Any) -> int:
     return 0
 
 
-def _eval_splice(args: argparse.Namespace, sae: Any) -> int:
-    from saelab.config import TextConfig, build
+def _eval_splice(args: argparse.Namespace, cfg: Any, sae: Any) -> int:
     from saelab.errors import InputError
     from saelab.eval.splice import splice_eval
     from saelab.models import open_model
 
-    hook = args.hook or sae.cfg.hook_name
-    if args.hook and sae.cfg.hook_name and args.hook != sae.cfg.hook_name:
-        raise InputError(f"the SAE in {args.sae_dir} was trained on {sae.cfg.hook_name}, not {args.hook}")
-    text = build(TextConfig, **{k: v for k, v in {
-        "corpus": args.corpus, "context_length": args.context_length, "batch_size": args.windows,
-        "heldout_fraction": args.heldout_fraction}.items() if v is not None})
-    lm = open_model(args.model, args.device)
-    r = splice_eval(sae, lm, text, tokens=args.tokens, hook=hook)
+    hook = cfg.hook or sae.cfg.hook_name
+    if cfg.hook and sae.cfg.hook_name and cfg.hook != sae.cfg.hook_name:
+        raise InputError(f"the SAE in {args.sae_dir} was trained on {sae.cfg.hook_name}, not {cfg.hook}")
+    text = cfg.text()
+    lm = open_model(cfg.model, cfg.device)
+    r = splice_eval(sae, lm, text, tokens=cfg.tokens, hook=hook)
     result = {"sae": str(args.sae_dir), "architecture": sae.cfg.architecture,
               "n_latents": sae.n_latents, "corpus": text.corpus, **r.as_dict()}
     if args.json:
@@ -259,18 +259,21 @@ def _export_html(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from saelab.config import ServeConfig
     from saelab.errors import InputError
+    from saelab.flags import from_args
     from saelab.view.server import serve_atlases
 
+    cfg = from_args(ServeConfig, args)
     companions = {}
     for spec in args.companions or []:
         name, sep, path = spec.partition("=")
         if not (sep and path and re.fullmatch(r"[A-Za-z0-9._-]+", name)):
             raise InputError(f"--with {spec!r}: write NAME=ATLAS, NAME in letters, digits, '-', '_', '.'")
         companions[name] = Path(path)
-    app = serve_atlases(args.atlas, companions, name=args.name, live=args.live, sae_dir=args.sae,
-                        device=args.device, max_chars=args.max_chars, max_tokens=args.max_tokens)
-    _run_server(app, args.host, args.port, args.log_level)
+    app = serve_atlases(args.atlas, companions, name=cfg.name, live=cfg.live, sae_dir=cfg.sae,
+                        device=cfg.device, max_chars=cfg.max_chars, max_tokens=cfg.max_tokens)
+    _run_server(app, cfg.host, cfg.port, cfg.log_level)
     return 0
 
 
@@ -325,7 +328,9 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 48
 
 
 def _steer(args: argparse.Namespace) -> int:
+    from saelab.config import SteerConfig
     from saelab.errors import InputError
+    from saelab.flags import from_args
     from saelab.models import open_model
     from saelab.sae.base import SAE, check_sae_fits
     from saelab.steer import Edit, generate
@@ -338,21 +343,22 @@ def _steer(args: argparse.Namespace) -> int:
         raise InputError("say how to change the feature(s): exactly one of --clamp V, --scale V, --ablate, "
                          "--add V")
     (mode, value), = modes.items()
+    cfg = from_args(SteerConfig, args)
     sae = SAE.load(args.sae)
-    model = args.model or sae.cfg.model_name
-    hook = args.hook or sae.cfg.hook_name
+    model = cfg.model or sae.cfg.model_name
+    hook = cfg.hook or sae.cfg.hook_name
     if not model or not hook:
         raise InputError(f"{args.sae}/cfg.json names no model or hook; pass --model and --hook")
-    lm = open_model(model, args.device)
+    lm = open_model(model, cfg.device)
     check_sae_fits(sae, lm, hook)
     sae = sae.to(lm.device).eval()
     edits = [Edit(f, mode, value) for f in args.feature]
-    c = generate(lm, sae, hook, args.prompt, edits, max_new_tokens=args.max_new_tokens)
+    c = generate(lm, sae, hook, cfg.prompt, edits, max_new_tokens=cfg.max_new_tokens)
     what = ", ".join(f"#{f}" for f in args.feature)
     amount = {"ablate": "", "clamp": f" = {value:g}", "scale": f" x {value:g}",
               "add": f" + {value:g} x direction"}
     label = f"{mode} {what}{amount[mode]}"
-    print(f"prompt: {args.prompt}\n")
+    print(f"prompt: {cfg.prompt}\n")
     print(side_by_side(c.clean, c.steered, ("unsteered", f"steered ({label})")))
     return 0
 
@@ -360,12 +366,12 @@ def _steer(args: argparse.Namespace) -> int:
 def _toy(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from saelab.config import build
+    from saelab.flags import from_args
     from saelab.studies.superposition import ToySweepConfig, run_sweep, sweep_cells, write_outputs
 
-    base = ToySweepConfig.quick() if args.quick else ToySweepConfig()
-    overrides = {k: v for k, v in {"tokens": args.tokens, "seed": args.seed}.items() if v}
-    cfg = build(ToySweepConfig, **{**base.model_dump(), **overrides})
+    preset = ToySweepConfig.quick().model_dump(exclude={"data"}) if args.quick else {}
+    unset = {k: v for k, v in preset.items() if getattr(args, k, None) is None}
+    cfg = from_args(ToySweepConfig, args, **unset)  # flags beat the --quick preset
     bar = tqdm(total=len(sweep_cells(cfg)), unit="sae", desc="toy sweep", dynamic_ncols=True)
 
     def report(r: dict) -> None:
@@ -431,17 +437,20 @@ def _split(args: argparse.Namespace) -> int:
     from saelab.activations.source import open_source
     from saelab.analyse.atlasdb import Atlas
     from saelab.analyse.split import families
+    from saelab.config import SplitConfig
+    from saelab.flags import from_args
     from saelab.sae.base import SAE
 
+    cfg = from_args(SplitConfig, args)
     small, large = SAE.load(args.small), SAE.load(args.large)
     rows = None
     if args.acts is not None:
-        rows = next(open_source(args.acts).rows(args.rows, limit=args.rows))
+        rows = next(open_source(args.acts).rows(cfg.rows, limit=cfg.rows))
     labels_small = Atlas(args.atlas_small).labels(list(range(small.n_latents))) if args.atlas_small else {}
     labels_large = Atlas(args.atlas_large).labels(list(range(large.n_latents))) if args.atlas_large else {}
-    fams = families(small, large, args.feature or None, args.min_cosine, rows, args.top)
+    fams = families(small, large, args.feature or None, cfg.min_cosine, rows, cfg.top)
     if not args.feature:
-        fams = fams[: args.families]
+        fams = fams[: cfg.families]
     result = []
     for fam in fams:
         fam.label = labels_small.get(fam.parent)
@@ -454,7 +463,7 @@ def _split(args: argparse.Namespace) -> int:
         print(json.dumps([asdict(f) for f in result], indent=2))
         return 0
     print(f"{args.small} ({small.n_latents:,} features) -> {args.large} ({large.n_latents:,}); descendants: "
-          f"decoder cosine >= {args.min_cosine}" + (f", r = activation correlation on {len(rows):,} rows"
+          f"decoder cosine >= {cfg.min_cosine}" + (f", r = activation correlation on {len(rows):,} rows"
                                                       if rows is not None else ""))
     for fam in result:
         corr = f", r {fam.family_correlation:.2f}" if fam.family_correlation is not None else ""
@@ -475,9 +484,19 @@ def nested(sub: Any, name: str, help: str, description: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     from saelab import __version__
-    from saelab.config import AtlasConfig, DemoConfig, HarvestConfig, LMConfig
+    from saelab.config import (
+        AtlasConfig,
+        DemoConfig,
+        EvalConfig,
+        HarvestConfig,
+        LMConfig,
+        ServeConfig,
+        SplitConfig,
+        SteerConfig,
+    )
     from saelab.flags import add_arguments
     from saelab.studies.monosemanticity import MonosemanticityConfig
+    from saelab.studies.superposition import ToySweepConfig
     from saelab.train.config import TrainConfig
     from saelab.train.sweep import grid_help
 
@@ -541,20 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acts", type=Path, default=None, help="activation store, .npy or .safetensors")
     p.add_argument("--target-acts", type=Path, default=None,
                    help="with --acts, for a transcoder: the activations it reconstructs (row-aligned)")
-    p.add_argument("--max-rows", type=int, default=None, help="with --acts: at most this many rows")
-    p.add_argument("--batch-size", type=int, default=8192, help="with --acts: rows per batch [default: 8192]")
-    p.add_argument("--drop-nonfinite", action="store_true", help="with --acts: skip rows with NaN/Inf")
-    p.add_argument("--model", default=None, help="model to splice into [default: from cfg.json]")
-    p.add_argument("--hook", default=None, help="hook point [default: from cfg.json]")
-    p.add_argument("--corpus", default=None, help="corpus whose held-out documents are used "
-                   "[default: python-docs+python-stdlib]")
-    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to evaluate [default: 4096]")
-    p.add_argument("--context-length", type=int, default=None, help="tokens per window [default: 256]")
-    p.add_argument("--windows", type=int, default=None, help="windows per forward pass [default: 16]")
-    p.add_argument("--heldout-fraction", type=float, default=None, help="share of documents held out "
-                   "[default: 0.05; keep what the harvest used]")
-    p.add_argument("--device", default="auto", help="device for the model [default: auto]")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_arguments(p, EvalConfig, group_title="evaluation options")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("harvest", help="run a model over a corpus and store activations",
@@ -593,21 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the global page, and a live text box that runs the model and SAE on any text. "
                        "Read-only; bound to 127.0.0.1 unless --host says otherwise.")
     p.add_argument("atlas", type=Path, help="atlas file (saelab atlas --out)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1]")
-    p.add_argument("--port", type=int, default=8000, help="port [default: 8000]")
-    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
-                   help="load the model and SAE for the live text box [default: on]")
-    p.add_argument("--sae", default=None,
-                   help="SAE folder for the live box [default: the one the atlas records]")
-    p.add_argument("--device", default="auto", help="device for the live model [default: auto]")
-    p.add_argument("--max-chars", type=int, default=2000,
-                   help="live text limit in characters [default: 2000]")
-    p.add_argument("--max-tokens", type=int, default=256, help="live text limit in tokens [default: 256]")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level [default: warning]")
+    add_arguments(p, ServeConfig, group_title="viewer options")
     p.add_argument("--with", dest="companions", action="append", metavar="NAME=ATLAS",
                    help="serve another atlas beside this one at /d/NAME/ (e.g. "
                    "neurons=study/atlas/neurons.atlas); repeat for several")
-    p.add_argument("--name", default=None, help="this atlas's name in the links [default: its file name]")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the whole pipeline on a real model, then the viewer",
@@ -642,11 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--scale", type=float, default=None, metavar="F", help="multiply its activation by F")
     how.add_argument("--ablate", action="store_true", help="set its activation to zero")
     how.add_argument("--add", type=float, default=None, metavar="V", help="add V x its decoder direction")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate [default: 40]")
-    p.add_argument("--model", default=None, help="model [default: from the SAE's cfg.json]")
-    p.add_argument("--hook", default=None, help="hook point [default: from the SAE's cfg.json]")
-    p.add_argument("--device", default="auto", help="device [default: auto]")
+    add_arguments(p, SteerConfig, group_title="generation options")
     p.set_defaults(func=_steer)
 
     p = sub.add_parser("split", help="list a feature's descendants in a larger dictionary",
@@ -661,14 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", type=int, action="append", metavar="ID",
                    help="feature of SMALL to trace (repeat for several) [default: the largest families]")
     p.add_argument("--acts", type=Path, default=None, help="activations (store or matrix) for correlations")
-    p.add_argument("--rows", type=int, default=20_000, help="rows of --acts to use [default: 20000]")
     p.add_argument("--atlas-small", type=Path, default=None, help="atlas of SMALL, for labels")
     p.add_argument("--atlas-large", type=Path, default=None, help="atlas of LARGE, for labels")
-    p.add_argument("--min-cosine", type=float, default=0.4,
-                   help="decoder cosine a descendant needs [default: 0.4]")
-    p.add_argument("--top", type=int, default=8, help="descendants listed per feature [default: 8]")
-    p.add_argument("--families", type=int, default=10, help="families listed without --feature [default: 10]")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_arguments(p, SplitConfig, group_title="matching options")
     p.set_defaults(func=_split)
 
     studies = nested(sub, "study", "reproduce a paper's study end to end",
@@ -709,9 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(k x ratio) SAEs on synthetic data with known features; write a CSV, "
                        "MMCS heat maps and a summary.")
     p.add_argument("--out", type=Path, default=Path("runs/toy"), help="output folder [default: runs/toy]")
-    p.add_argument("--quick", action="store_true", help="a smaller sweep (about a minute)")
-    p.add_argument("--tokens", type=int, default=None, help="training rows per SAE")
-    p.add_argument("--seed", type=int, default=None, help="training seed")
+    p.add_argument("--quick", action="store_true", help="a smaller sweep (about a minute); flags given "
+                   "beat it")
+    add_arguments(p, ToySweepConfig, exclude={"data"}, group_title="sweep options")
     p.set_defaults(func=_toy)
     return parser
 

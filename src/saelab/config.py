@@ -1,5 +1,6 @@
 """Typed, validated configuration for the pipeline's stages, grouped by stage: the text and
-its windows, harvesting, the feature atlas, the demo, the language model. Validation happens
+its windows, harvesting, the feature atlas, the demo, the language model, evaluation, the
+viewer, steering and feature splitting. Validation happens
 once, here, at the boundary; the field descriptions double as the CLI's ``--help``
 (:mod:`saelab.flags`).
 
@@ -18,8 +19,9 @@ from saelab.config_base import FORMAT_VERSION, Config, DType, build, validation_
 
 _Config = Config  # the name the stage configs below (and older code) use
 
-__all__ = ["FORMAT_VERSION", "AtlasConfig", "DType", "DemoConfig", "HarvestConfig", "LMConfig",
-           "TextConfig", "build", "validation_message"]
+__all__ = ["FORMAT_VERSION", "AtlasConfig", "DType", "DemoConfig", "EvalConfig", "HarvestConfig",
+           "LMConfig", "ServeConfig", "SplitConfig", "SteerConfig", "TextConfig", "build",
+           "validation_message"]
 
 
 class TextConfig(_Config):
@@ -158,3 +160,71 @@ class LMConfig(_Config):
     def steps(self) -> int:
         """Optimiser steps: enough to read at least ``tokens`` tokens."""
         return max(1, -(-self.tokens // (self.batch_size * self.context_length)))
+
+
+def _text_default(name: str) -> str:
+    return f"{TextConfig.model_fields[name].get_default()}"
+
+
+class EvalConfig(_Config):
+    """Measuring an SAE: on stored activations (``--acts``), or spliced into its model."""
+
+    model: str | None = Field(default=None, description="Model to splice into [default: from cfg.json].")
+    hook: str | None = Field(default=None, description="Hook point [default: from cfg.json].")
+    corpus: str | None = Field(default=None, description="Corpus whose held-out documents are used "
+                               f"[default: {_text_default('corpus')}].")
+    tokens: int = Field(default=4096, gt=0, description="Held-out tokens to evaluate.")
+    context_length: int | None = Field(default=None, ge=4, description="Tokens per window "
+                                       f"[default: {_text_default('context_length')}].")
+    windows: int | None = Field(default=None, gt=0, description="Windows per forward pass "
+                                f"[default: {_text_default('batch_size')}].")
+    heldout_fraction: float | None = Field(
+        default=None, ge=0, lt=1, description="Share of documents held out; keep what the harvest used "
+        f"[default: {_text_default('heldout_fraction')}].")
+    max_rows: int | None = Field(default=None, gt=0, description="With --acts: at most this many rows.")
+    batch_size: int = Field(default=8192, gt=0, description="With --acts: rows per batch.")
+    drop_nonfinite: bool = Field(default=False, description="With --acts: skip rows with NaN/Inf.")
+    device: str = Field(default="auto", description="Device for the model: auto, cpu, cuda[:N].")
+
+    def text(self) -> TextConfig:
+        """The held-out text of a splice evaluation (TextConfig's defaults where unset)."""
+        given = {"corpus": self.corpus, "context_length": self.context_length, "batch_size": self.windows,
+                 "heldout_fraction": self.heldout_fraction, "device": self.device}
+        return build(TextConfig, **{k: v for k, v in given.items() if v is not None})
+
+
+class ServeConfig(_Config):
+    """The atlas viewer."""
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port.")
+    live: bool = Field(default=True, description="Load the model and SAE for the live text box and steering.")
+    sae: str | None = Field(default=None, description="SAE folder for the live box "
+                            "[default: the one the atlas records].")
+    device: str = Field(default="auto", description="Device for the live model.")
+    max_chars: int = Field(default=2000, gt=0, description="Live text limit in characters.")
+    max_tokens: int = Field(default=256, gt=0, description="Live text limit in tokens.")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        default="warning", description="uvicorn log level.")
+    name: str | None = Field(default=None, description="This atlas's name in the links "
+                             "[default: its file name].")
+
+
+class SteerConfig(_Config):
+    """Steering a model's generation with SAE features (what to generate; which features and
+    how to change them are the command's own flags)."""
+
+    prompt: str = Field(min_length=1, description="Text to continue.")
+    max_new_tokens: int = Field(default=40, ge=1, le=1024, description="Tokens to generate.")
+    model: str | None = Field(default=None, description="Model [default: from the SAE's cfg.json].")
+    hook: str | None = Field(default=None, description="Hook point [default: from the SAE's cfg.json].")
+    device: str = Field(default="auto", description="Device: auto, cpu, cuda[:N].")
+
+
+class SplitConfig(_Config):
+    """Feature splitting between two dictionaries on the same hook."""
+
+    rows: int = Field(default=20_000, gt=0, description="Rows of --acts to use for correlations.")
+    min_cosine: float = Field(default=0.4, ge=-1, le=1, description="Decoder cosine a descendant needs.")
+    top: int = Field(default=8, gt=0, description="Descendants listed per feature.")
+    families: int = Field(default=10, gt=0, description="Families listed without --feature.")

@@ -58,13 +58,19 @@ def add_arguments(
     for name, field in model.model_fields.items():
         if name in exclude:
             continue
-        if name == "sae":
+        if _is_arch(model, name):
             _add_arch_flags(target)
             continue
         required = field.is_required()
         default = None if required else field.get_default(call_default_factory=True)
         suffix = " [required]" if required else f" [default: {default}]" if default is not None else ""
         _add_flag(target, name, field.annotation, (field.description or "") + suffix, required)
+
+
+def _is_arch(model: type[BaseModel], name: str) -> bool:
+    """Whether ``model.name`` is an architecture config (the ``sae`` of a training config)."""
+    field = model.model_fields.get(name)
+    return field is not None and isinstance(field.get_default(call_default_factory=True), ArchConfig)
 
 
 def _add_arch_flags(target: Any) -> None:
@@ -86,7 +92,7 @@ def _add_arch_flags(target: Any) -> None:
 def from_args(model: type[BaseModel], args: argparse.Namespace, /, **overrides: Any) -> Any:
     """Build ``model`` from the flags the user actually set (plus ``overrides``)."""
     names = set(model.model_fields)
-    if "sae" in names:
+    if _is_arch(model, "sae"):
         names |= {"architecture", *arch_settings()}
     values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -364,6 +364,98 @@ class AtlasResult:
     reused: bool = False  # a finished atlas with these settings was already there
 
 
+def _model_and_hook(sae: SAE, sae_dir: Path, cfg: AtlasConfig) -> tuple[str, str]:
+    """The model and hook the atlas reads: the config's, else the SAE's cfg.json's."""
+    model = cfg.model or sae.cfg.model_name
+    hook = cfg.hook or sae.cfg.hook_name
+    if not model or not hook:
+        what = "model" if not model else "hook"
+        raise InputError(f"{sae_dir}/cfg.json names no {what}; pass --{what}")
+    if sae.cfg.hook_name and hook != sae.cfg.hook_name:
+        raise InputError(f"the SAE in {sae_dir} was trained on {sae.cfg.hook_name}, not {hook}")
+    return model, hook
+
+
+class _Partial:
+    """The pass's resumable state beside the atlas (``<out>.partial``): ``state.pt`` with the
+    fingerprint of the settings the pass depends on, and ``windows.bin``, the token ids
+    [windows, T] of every window read so far."""
+
+    def __init__(self, out: Path, fingerprint: str) -> None:
+        self.folder = out.with_name(out.name + ".partial")
+        self.state_file, self.windows_file = self.folder / "state.pt", self.folder / "windows.bin"
+        self.fingerprint = fingerprint
+
+    def resume_or_start(self, n: int, cfg: AtlasConfig, device: torch.device) -> _State:
+        state = None
+        if self.state_file.is_file():
+            saved = torch.load(self.state_file, weights_only=False)
+            if saved.get("fingerprint") == self.fingerprint:
+                state = _State.from_dict(saved["state"], device)
+            else:
+                print(f"{self.folder}: left by a build with other settings; starting over", file=sys.stderr)
+        if state is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+            state = _State.empty(n, 2 * cfg.top_examples, 2 * cfg.bands * cfg.band_examples,
+                                 cfg.before + cfg.after + 1, device, cfg.seed)
+        with open(self.windows_file, "ab") as f:  # keep exactly the windows the state has seen
+            f.truncate(state.windows * cfg.context_length * 4)
+        return state
+
+    def save(self, state: _State) -> None:
+        atomic_torch_save({"fingerprint": self.fingerprint, "state": state.to_dict()}, self.state_file)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _stream(sae: SAE, lm: LoadedModel, hook: str, cfg: AtlasConfig, state: _State,
+            partial: _Partial) -> tuple[int, float]:
+    """The streaming pass: held-out windows through the model to the hook and the SAE, every
+    content token's latents into ``state`` (saved every ``checkpoint_every`` seconds), the
+    windows' token ids appended to the partial's file. Returns (tokens read now, seconds)."""
+    dev, n, T = lm.device, sae.n_latents, cfg.context_length
+    step = _Pass(cfg, state, T, dev)
+    chunk_windows = max(1, MAX_CHUNK_ELEMENTS // (T * n))
+    bar = tqdm(total=cfg.tokens, initial=min(state.tokens, cfg.tokens), unit="tok", unit_scale=True,
+               desc="atlas", dynamic_ncols=True, disable=not cfg.progress)
+    t0 = last_save = time.perf_counter()
+    tokens_at_start = state.tokens
+    with open(partial.windows_file, "ab") as wf:
+        for batch in text_batches(lm, cfg, "heldout", skip_windows=state.windows):
+            if state.tokens >= cfg.tokens:
+                break
+            per_window = batch.content_mask.sum(1).cumsum(0)
+            need = cfg.tokens - state.tokens
+            if int(per_window[-1]) > need:
+                batch = batch.take(int(torch.searchsorted(per_window, need)) + 1)
+            ids_BT, attn_BT = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+            cap, _ = run_hooked(lm.model, ids_BT, attn_BT, capture=[hook])
+            x_BTD = cap[hook].float()
+            mask_BT = batch.content_mask.to(dev)
+            for a, b in _chunks(ids_BT.shape[0], chunk_windows):
+                z_BTF = sae.encode(x_BTD[a:b].reshape(-1, sae.d_in)).reshape(b - a, T, n).float()
+                z_BTF = z_BTF * mask_BT[a:b, :, None]
+                step.update(z_BTF, state.windows + a, int(mask_BT[a:b].sum()))
+            toks_BT = batch.input_ids.to(torch.int32).masked_fill(batch.attention_mask == 0, -1)
+            wf.write(toks_BT.numpy().tobytes())
+            state.windows += ids_BT.shape[0]
+            got = int(batch.n_content)
+            state.tokens += got
+            bar.update(got)
+            if time.perf_counter() - last_save > cfg.checkpoint_every:
+                wf.flush()
+                partial.save(state)
+                last_save = time.perf_counter()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if state.tokens == 0:
+        raise InputError(f"corpus {cfg.corpus!r} has no held-out documents to build an atlas from")
+    partial.save(state)
+    return state.tokens - tokens_at_start, seconds
+
+
 @torch.no_grad()
 def build_atlas(
     sae_dir: str | Path,
@@ -372,20 +464,14 @@ def build_atlas(
     lm: LoadedModel | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> AtlasResult:
-    """Build the atlas of the SAE in ``sae_dir`` into the SQLite file ``out``. ``metrics``:
-    splice-evaluation figures already measured (else ``cfg.eval_tokens`` are evaluated)."""
+    """Build the atlas of the SAE in ``sae_dir`` into the SQLite file ``out`` (or reuse the
+    one there, if it was built with these settings). ``metrics``: splice-evaluation figures
+    already measured (else ``cfg.eval_tokens`` are evaluated)."""
     t_start = time.perf_counter()
     sae_dir, out = Path(sae_dir), Path(out)
     sae = SAE.load(sae_dir)
-    model = cfg.model or sae.cfg.model_name
-    hook = cfg.hook or sae.cfg.hook_name
-    if not model or not hook:
-        raise InputError(
-            f"{sae_dir}/cfg.json names no {'model' if not model else 'hook'}; pass "
-            f"--{'model' if not model else 'hook'}"
-        )
-    if sae.cfg.hook_name and hook != sae.cfg.hook_name:
-        raise InputError(f"the SAE in {sae_dir} was trained on {sae.cfg.hook_name}, not {hook}")
+    model, hook = _model_and_hook(sae, sae_dir, cfg)
+    # 1. a finished atlas with these settings: reuse it
     settings = atlas_settings(sae_dir, model, hook, cfg, metrics)
     done = stage.finished(out, settings)
     if done is not None and out.is_file():
@@ -395,94 +481,27 @@ def build_atlas(
     stage.clear(out)
     lm = lm or open_model(model, cfg.device)
     check_sae_fits(sae, lm, hook)
-    dev = lm.device
-    sae = sae.to(dev).eval()
-    n, T = sae.n_latents, cfg.context_length
-    kc, r, c = 2 * cfg.top_examples, 2 * cfg.bands * cfg.band_examples, cfg.before + cfg.after + 1
-
-    partial = out.with_name(out.name + ".partial")
-    fp = atlas_settings(sae_dir, model, hook, cfg, pass_only=True).fingerprint
-    state_file, windows_file = partial / "state.pt", partial / "windows.bin"
-    state = None
-    if state_file.is_file():
-        saved = torch.load(state_file, weights_only=False)
-        if saved.get("fingerprint") == fp:
-            state = _State.from_dict(saved["state"], dev)
-        else:
-            print(f"{partial}: left by a build with other settings; starting over", file=sys.stderr)
-    if state is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        state = _State.empty(n, kc, r, c, dev, cfg.seed)
-    with open(windows_file, "ab") as f:  # keep exactly the windows the state has seen
-        f.truncate(state.windows * T * 4)
-
-    step = _Pass(cfg, state, T, dev)
-    chunk_windows = max(1, MAX_CHUNK_ELEMENTS // (T * n))
-    bar = tqdm(
-        total=cfg.tokens,
-        initial=min(state.tokens, cfg.tokens),
-        unit="tok",
-        unit_scale=True,
-        desc="atlas",
-        dynamic_ncols=True,
-        disable=not cfg.progress,
-    )
-    last_save = time.perf_counter()
-    t_pass = time.perf_counter()
-    tokens_at_start = state.tokens
-
-    def save() -> None:
-        atomic_torch_save({"fingerprint": fp, "state": state.to_dict()}, state_file)
-
-    batches = text_batches(lm, cfg, "heldout", skip_windows=state.windows)
-    with open(windows_file, "ab") as wf:
-        for batch in batches:
-            if state.tokens >= cfg.tokens:
-                break
-            per_window = batch.content_mask.sum(1).cumsum(0)
-            need = cfg.tokens - state.tokens
-            if int(per_window[-1]) > need:
-                batch = batch.take(int(torch.searchsorted(per_window, need)) + 1)
-            ids, attn = batch.input_ids.to(dev), batch.attention_mask.to(dev)
-            cap, _ = run_hooked(lm.model, ids, attn, capture=[hook])
-            x = cap[hook].float()
-            mask = batch.content_mask.to(dev)
-            for a, b in _chunks(ids.shape[0], chunk_windows):
-                z = sae.encode(x[a:b].reshape(-1, sae.d_in)).reshape(b - a, T, n).float()
-                z = z * mask[a:b, :, None]
-                step.update(z, state.windows + a, int(mask[a:b].sum()))
-            toks = batch.input_ids.to(torch.int32).masked_fill(batch.attention_mask == 0, -1)
-            wf.write(toks.numpy().tobytes())
-            state.windows += ids.shape[0]
-            got = int(batch.n_content)
-            state.tokens += got
-            bar.update(got)
-            if time.perf_counter() - last_save > cfg.checkpoint_every:
-                wf.flush()
-                save()
-                last_save = time.perf_counter()
-    bar.close()
-    pass_seconds = time.perf_counter() - t_pass
-    if state.tokens == 0:
-        raise InputError(f"corpus {cfg.corpus!r} has no held-out documents to build an atlas from")
-    save()
-    pass_tokens = state.tokens - tokens_at_start
-
+    sae = sae.to(lm.device).eval()
+    # 2. the streaming pass, resumed from the partial state a killed build left
+    partial = _Partial(out, atlas_settings(sae_dir, model, hook, cfg, pass_only=True).fingerprint)
+    state = partial.resume_or_start(sae.n_latents, cfg, lm.device)
+    pass_tokens, pass_seconds = _stream(sae, lm, hook, cfg, state, partial)
+    # 3. the splice metrics for the global page, unless given
     metrics = dict(metrics or {})
     if not metrics and cfg.eval_tokens:
         text = TextConfig(**cfg.model_dump(include=set(TextConfig.model_fields)))
-        metrics = splice_eval(
-            sae, lm, text, tokens=cfg.eval_tokens, hook=hook, progress=cfg.progress
-        ).as_dict()
-    path = _finish(sae_dir, sae, lm, model, hook, cfg, state, windows_file, out, metrics)
-    shutil.rmtree(partial, ignore_errors=True)
+        metrics = splice_eval(sae, lm, text, tokens=cfg.eval_tokens, hook=hook,
+                              progress=cfg.progress).as_dict()
+    # 4. pages, rows and meta into the atlas file; then the completion marker
+    path = _finish(sae_dir, sae, lm, model, hook, cfg, state, partial.windows_file, out, metrics)
+    partial.remove()
     seconds = time.perf_counter() - t_start
     rate = pass_tokens / pass_seconds if pass_tokens else None
-    stage.mark_finished(out, settings, {"features": n, "tokens": state.tokens,
+    stage.mark_finished(out, settings, {"features": sae.n_latents, "tokens": state.tokens,
                                         "tokens_per_s": None if rate is None else round(rate, 1)},
                         seconds=seconds)
-    return AtlasResult(path=path, tokens=state.tokens, features=n, seconds=seconds, tokens_per_s=rate)
+    return AtlasResult(path=path, tokens=state.tokens, features=sae.n_latents, seconds=seconds,
+                       tokens_per_s=rate)
 
 
 @dataclass

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -113,40 +112,10 @@ class LiveModel:
     lock: threading.Lock
 
     def run(self, text: str, top: int = 8) -> dict[str, Any]:
-        from saelab.activations.hooks import run_hooked
+        from saelab.analyse.text import features_on_text
 
-        tok = self.lm.tokenizer
-        fmt = self.lm.window_format()
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        truncated = len(ids) > self.max_tokens
-        ids = ids[: self.max_tokens]
-        full = (
-            ([fmt.bos_id] if fmt.bos_id is not None else [])
-            + ids
-            + ([fmt.end_id] if fmt.end_id is not None else [])
-        )
-        start = 1 if fmt.bos_id is not None else 0
-        dev = self.lm.device
-        with torch.no_grad():
-            t = torch.tensor([full], device=dev)
-            cap, _ = run_hooked(self.lm.model, t, torch.ones_like(t), capture=[self.hook])
-            z = self.sae.encode(cap[self.hook][0, start : start + len(ids)].float())
-        vals, idx = z.topk(min(top, z.shape[1]), dim=1)
-        per_token = [
-            [[int(i), round(float(v), 3)] for v, i in zip(vr.tolist(), ir.tolist(), strict=True) if v > 0]
-            for vr, ir in zip(vals, idx, strict=True)
-        ]
-        peak = z.amax(0) if len(ids) else torch.zeros(z.shape[1])
-        pv, pi = peak.topk(min(20, peak.numel()))
-        return {
-            "tokens": [tok.decode([i]) for i in ids],
-            "features": per_token,
-            "truncated": truncated,
-            "top": [
-                [int(i), round(float(v), 3)] for v, i in zip(pv.tolist(), pi.tolist(), strict=True) if v > 0
-            ],
-        }
-
+        r = features_on_text(self.lm, self.sae, self.hook, text, self.max_tokens, per_token=top)
+        return {"tokens": r.tokens, "features": r.per_token, "truncated": r.truncated, "top": r.top}
 
     def tokens_of(self, text: str) -> tuple[str, bool]:
         """``text`` cut to the token limit, and whether it was cut."""
