@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from saelab import stage
 from saelab.activations.harvest import harvest
 from saelab.activations.hooks import run_hooked
 from saelab.activations.source import open_source
@@ -49,7 +50,7 @@ from saelab.eval.scaling import run_sweep
 from saelab.eval.splice import saved_splice_eval
 from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_json, atomic_write_text
 from saelab.models import LoadedModel, open_model
-from saelab.sae.base import SAE, create
+from saelab.sae.base import SAE, WEIGHTS_FILENAME, create
 from saelab.sae.config import SAEConfig
 from saelab.train.config import TrainConfig
 
@@ -360,9 +361,16 @@ def run_study(cfg: MonosemanticityConfig, out: str | Path) -> dict[str, Any]:
     measures = {}
     for name in (NEURONS, compare):
         cache = out / "interpretability" / f"{name}.json"
-        if not cache.exists():
-            sae = SAE.load(neuron_dir if name == NEURONS else dirs[name]).to(lm.device)
+        sae_dir = neuron_dir if name == NEURONS else dirs[name]
+        atlas_marker = stage.read_marker(atlases[name]) or {}
+        settings = stage.Settings.of("interpretability", {
+            "sae": stage.file_identity(sae_dir / WEIGHTS_FILENAME), "atlas": atlas_marker.get("fingerprint"),
+            "detect_tokens": cfg.detect_tokens, "hook": cfg.hook, "text": text.model_dump()},
+            free=("text.device", "text.batch_size"))
+        if stage.finished(cache, settings) is None:
+            sae = SAE.load(sae_dir).to(lm.device)
             atomic_write_json(cache, interpretability(atlases[name], sae, lm, cfg, text))
+            stage.mark_finished(cache, settings)
         measures[name] = json.loads(cache.read_text())
     summary = compare_summary(measures[NEURONS], measures[compare])
     atomic_write_csv(
