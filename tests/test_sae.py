@@ -225,6 +225,38 @@ def test_loads_a_plain_saelens_folder(tmp_path) -> None:
     assert torch.allclose(loaded(x), sae(x), atol=1e-6)
 
 
+def test_saelens_metadata_is_written_where_saelens_6_reads_it(tmp_path) -> None:
+    sae = make("topk")
+    sae.cfg = sae.cfg.model_copy(update={"hook_name": "blocks.3.hook_resid_post", "model_name": "m"})
+    sae.save(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert cfg["k"] == K  # top level, where SAELens reads it (its default is 100)
+    for key in ("metadata", "meta"):  # SAELens 6; SAELens 5 and saelab 0.4
+        assert cfg[key]["hook_name"] == "blocks.3.hook_resid_post" and cfg[key]["model_name"] == "m"
+    del cfg["saelab"], cfg["meta"]
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    assert SAE.load(tmp_path / "s").cfg.hook_name == "blocks.3.hook_resid_post"
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("normalize_activations", "layer_norm"), ("normalize_activations", "expected_average_only_in"),
+    ("rescale_acts_by_decoder_norm", True), ("apply_b_dec_to_input", False),
+    ("reshape_activations", "hook_z"), ("hook_head_index", 3)])
+def test_saelens_settings_saelab_does_not_compute_are_refused(tmp_path, setting, value) -> None:
+    """A SAELens folder that SAELens would run differently is refused, naming the setting,
+    never loaded to compute something else."""
+    make("topk").save(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    del cfg["saelab"]
+    if setting == "hook_head_index":
+        cfg["metadata"][setting] = value
+    else:
+        cfg[setting] = value
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=rf"SAELens setting {setting} = {value!r} is not implemented"):
+        SAE.load(tmp_path / "s")
+
+
 def test_fold_input_scale_keeps_latents_and_rescales_output() -> None:
     sae = make("jumprelu")
     x = torch.randn(30, D)

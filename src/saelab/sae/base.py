@@ -343,6 +343,13 @@ class SAE(nn.Module):
 
     def saelens_cfg(self) -> dict[str, Any]:
         cfg = self.cfg
+        names = {
+            "model_name": cfg.model_name,
+            "hook_name": cfg.hook_name,
+            **({"hook_name_out": cfg.hook_name_out} if cfg.hook_name_out else {}),
+            "hook_layer": _hook_layer(cfg.hook_name),
+            "hook_head_index": None,
+        }
         return {
             "architecture": self.saelens_architecture,
             "d_in": cfg.d_in,
@@ -352,13 +359,9 @@ class SAE(nn.Module):
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
             "reshape_activations": "none",
-            "meta": {
-                "model_name": cfg.model_name,
-                "hook_name": cfg.hook_name,
-                **({"hook_name_out": cfg.hook_name_out} if cfg.hook_name_out else {}),
-                "hook_layer": _hook_layer(cfg.hook_name),
-                "hook_head_index": None,
-            },
+            # SAELens 6 reads ``metadata``; older SAELens and saelab 0.4 read ``meta``
+            "metadata": names,
+            "meta": names,
             **self.saelens_fields(),
         }
 
@@ -444,6 +447,7 @@ def _sae_config_from_json(raw: dict[str, Any], where: Path) -> SAEConfig:
                 f"{where}: SAELens architecture {raw.get('architecture')!r} is not supported "
                 f"(supported: {', '.join(_FROM_SAELENS)})"
             )
+        _refuse_other_computations(raw, arch, where)
         meta = raw.get("metadata") or raw.get("meta") or {}
         return SAEConfig(
             architecture=arch,  # type: ignore[arg-type]
@@ -458,6 +462,33 @@ def _sae_config_from_json(raw: dict[str, Any], where: Path) -> SAEConfig:
         raise InputError(f"{where}: {validation_message(e)}") from None
     except KeyError as e:
         raise InputError(f"{where} lacks the field {e.args[0]!r}") from None
+
+
+# SAELens settings that change what the SAE computes, and the value saelab computes with.
+_SAELENS_AS_SAELAB: dict[str, tuple[Any, ...]] = {
+    "normalize_activations": ("none", None),
+    "rescale_acts_by_decoder_norm": (False, None),
+    "reshape_activations": ("none", None),
+    "hook_head_index": (None,),
+}
+
+
+def _refuse_other_computations(raw: dict[str, Any], arch: str, where: Path) -> None:
+    """A SAELens folder whose settings make SAELens compute something saelab does not is
+    refused, naming the setting, rather than loaded to give other outputs."""
+    meta = raw.get("metadata") or raw.get("meta") or {}
+    for name, ours in _SAELENS_AS_SAELAB.items():
+        value = raw.get(name, meta.get(name) if name == "hook_head_index" else None)
+        if value not in ours:
+            raise InputError(
+                f"{where}: SAELens setting {name} = {value!r} is not implemented in saelab (it computes "
+                f"as {name} = {ours[0]!r}); loading it would give other outputs than SAELens")
+    expected = SAE.registry[arch].apply_b_dec_to_input
+    value = raw.get("apply_b_dec_to_input", expected)
+    if value != expected:
+        raise InputError(
+            f"{where}: SAELens setting apply_b_dec_to_input = {value!r} is not implemented for "
+            f"{arch} in saelab (it computes as {expected!r}); loading it would give other outputs")
 
 
 def create(cfg: SAEConfig) -> SAE:
