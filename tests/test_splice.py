@@ -4,6 +4,7 @@ a zero one none of it; the CLI reports it and refuses an SAE that does not fit."
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from helpers import assert_one_line_error, identity_sae, run_cli, write_corpus
@@ -35,6 +36,15 @@ def test_perfect_and_zero_reconstructions_in_smollm(smollm, text):
     assert zero.ce_recovered == pytest.approx(0.0, abs=1e-6)
     assert zero.ce_spliced == pytest.approx(zero.ce_zero, abs=1e-9)
     assert zero.kl > 0.1
+    # SAELens/SAEBench's convention: the zero ablation takes every position, BOS included; with
+    # nothing left in the residual stream the model predicts uniformly, CE = ln(vocab)
+    assert perfect.ce_recovered_saelens == pytest.approx(1.0, abs=1e-4)
+    assert zero.ce_zero_every_position == pytest.approx(perfect.ce_zero_every_position, abs=1e-9)
+    assert zero.ce_zero_every_position == pytest.approx(math.log(49152), abs=1e-3)
+    expected = (zero.ce_zero_every_position - zero.ce_spliced) / (zero.ce_zero_every_position - zero.ce_clean)
+    assert zero.ce_recovered_saelens == pytest.approx(expected, abs=1e-12)
+    d = zero.as_dict()
+    assert set(d["ce_recovered_conventions"]) == {"ce_recovered", "ce_recovered_saelens"}
 
 
 def test_encoder_reports_embedding_cosine(minilm, text):

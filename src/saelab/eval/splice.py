@@ -1,12 +1,15 @@
 """Measure an SAE inside its model: splice the reconstruction in at its hook point.
 
-On held-out windows the model runs four times per batch: clean; with the SAE's
-reconstruction in place of the activations at the hook ("spliced"); with them set to
-zero; and with them set to their mean over the evaluation tokens. Only the positions the
-SAE was trained on are replaced (BOS/CLS/SEP and padding are left alone, as in harvest).
+On held-out windows the model runs clean; with the SAE's reconstruction in place of the
+activations at the hook ("spliced"); with them set to zero; and with them set to their mean
+over the evaluation tokens. Only the positions the SAE was trained on are replaced
+(BOS/CLS/SEP and padding are left alone, as in harvest). A causal LM runs once more with
+every position zeroed, BOS included, for the convention SAELens and SAEBench report.
 
 For a causal LM the report is next-token cross-entropy under each condition, the CE loss
-recovered (CE_zero − CE_spliced) / (CE_zero − CE_clean) and its mean-ablation variant,
+recovered (CE_zero − CE_spliced) / (CE_zero − CE_clean) under both conventions
+(``ce_recovered``: saelab's, zero ablation on the SAE's positions; ``ce_recovered_saelens``:
+zero ablation on every position; both named in ``ce_recovered_conventions``), its mean-ablation variant,
 ΔCE = CE_spliced − CE_clean and KL(clean ‖ spliced). For an encoder without an LM head it
 is the cosine similarity of mean-pooled embeddings to the clean ones. Either way FVU, L0,
 dead and dense fractions of the SAE on the same tokens come with it.
@@ -37,6 +40,14 @@ from saelab.models import LoadedModel
 from saelab.sae.base import SAE, WEIGHTS_FILENAME, check_sae_fits
 
 CONDITIONS = ("spliced", "zero", "mean")
+# SAELens's get_recons_loss and SAEBench zero-ablate every position, BOS included (a causal LM only).
+ZERO_EVERY_POSITION = "zero_every_position"
+CONVENTIONS = {
+    "ce_recovered": "saelab: the SAE's reconstruction and the zero ablation both replace the "
+                    "positions the SAE reads (BOS, EOS and padding untouched)",
+    "ce_recovered_saelens": "SAELens/SAEBench: the reconstruction replaces all but special tokens; "
+                            "the zero ablation replaces every position, BOS included",
+}
 
 
 @dataclass
@@ -55,6 +66,8 @@ class SpliceResult:
     ce_mean: float | None = None
     ce_recovered: float | None = None
     ce_recovered_mean: float | None = None
+    ce_zero_every_position: float | None = None
+    ce_recovered_saelens: float | None = None
     delta_ce: float | None = None
     kl: float | None = None
     # encoders
@@ -63,7 +76,10 @@ class SpliceResult:
     cos_mean: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.ce_recovered_saelens is not None:
+            out["ce_recovered_conventions"] = CONVENTIONS
+        return out
 
 
 def recovered(ce_clean: float, ce_patched: float, ce_ablated: float) -> float:
@@ -91,7 +107,7 @@ class _CausalTotals:
 
     def __init__(self) -> None:
         self.tokens = 0
-        self.ce = dict.fromkeys(("clean", *CONDITIONS), 0.0)
+        self.ce = dict.fromkeys(("clean", *CONDITIONS, ZERO_EVERY_POSITION), 0.0)
         self.kl = 0.0
 
     def add(self, batch: TokenBatch, clean: Tensor, name: str, logits: Tensor) -> None:
@@ -117,6 +133,8 @@ class _CausalTotals:
                 "ce_mean": ce["mean"],
                 "ce_recovered": recovered(ce["clean"], ce["spliced"], ce["zero"]),
                 "ce_recovered_mean": recovered(ce["clean"], ce["spliced"], ce["mean"]),
+                "ce_zero_every_position": ce[ZERO_EVERY_POSITION],
+                "ce_recovered_saelens": recovered(ce["clean"], ce["spliced"], ce[ZERO_EVERY_POSITION]),
                 "delta_ce": ce["spliced"] - ce["clean"], "kl": self.kl / max(self.tokens, 1)}
 
 
@@ -167,9 +185,12 @@ def splice_eval(sae: SAE, lm: LoadedModel, text: TextConfig, tokens: int = 4096,
             "zero": torch.zeros_like,
             "mean": lambda a: mean.expand_as(a),
         }
+        where = dict.fromkeys(fills, mask)
+        if lm.causal:
+            fills[ZERO_EVERY_POSITION], where[ZERO_EVERY_POSITION] = torch.zeros_like, attn.bool()
         # One condition at a time, reduced at once: only the clean output is kept alongside.
         for name, fill in fills.items():
-            _, out = run_hooked(lm.model, ids, attn, replace={out_hook: _replace(mask, fill)},
+            _, out = run_hooked(lm.model, ids, attn, replace={out_hook: _replace(where[name], fill)},
                                 need_output=True)
             if lm.causal:
                 causal.add(b, clean.logits, name, out.logits)

@@ -359,7 +359,10 @@ class SAE(nn.Module):
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
             "reshape_activations": "none",
-            # SAELens 6 reads ``metadata``; older SAELens and saelab 0.4 read ``meta``
+            # SAELens 6 reads the names from ``metadata`` when the folder says which SAELens 6
+            # wrote it, and from the top level otherwise (which is where saelab writes them for
+            # it, claiming no SAELens version); saelab 0.4 reads ``meta``
+            **names,
             "metadata": names,
             "meta": names,
             **self.saelens_fields(),
