@@ -111,3 +111,16 @@ def test_saelab_atlas_on_a_finished_atlas_reuses_it(small_atlas):
     assert p.returncode == 0 and "reused" not in p.stdout, p.stderr
     assert stage.recorded_settings(copy)["top_examples"] == 4
     assert max(len(Atlas(copy).page(f).top) for f in range(20)) == 4
+
+
+def test_saelab_toy_reuses_a_finished_sweep(tmp_path):
+    args = ["toy", "--quick", "--tokens", "20000", "--ratios", "1", "--ks", "1", "--l1-coefficients", "1",
+            "--train-rows", "5000", "--eval-rows", "1000", "--out", str(tmp_path / "toy")]
+    first = run_cli(*args, timeout=600)
+    assert first.returncode == 0 and "reused" not in first.stdout, first.stderr
+    csv = (tmp_path / "toy" / "sweep.csv").read_text()
+    again = run_cli(*args, timeout=600)
+    assert again.returncode == 0 and "reused: the sweep with these settings" in again.stdout
+    assert (tmp_path / "toy" / "sweep.csv").read_text() == csv
+    other = run_cli(*args[:-2], "--seed", "1", "--out", str(tmp_path / "toy"), timeout=600)
+    assert other.returncode == 0 and "reused" not in other.stdout

@@ -63,6 +63,18 @@ def test_sweep_cells_equal_separate_runs_and_resume(toy, tmp_path):
     assert r.scaling is not None and r.scaling["points"] == 4
     assert (out / "scaling.png").stat().st_size > 10_000
     assert r.frontier.stat().st_size > 10_000
+    # a second run of the finished sweep reuses the SAEs and their measurements
+    import saelab.eval.scaling as scaling_mod
+
+    def no_measuring(*a, **k):
+        raise AssertionError("a finished sweep measured its SAEs again")
+
+    real, scaling_mod.evaluate_reconstruction = scaling_mod.evaluate_reconstruction, no_measuring
+    try:
+        again = run_sweep(MatrixSource(x), BASE, GRID, out, eval_source=MatrixSource(x_eval))
+    finally:
+        scaling_mod.evaluate_reconstruction = real
+    assert again.rows == json.loads(json.dumps(r.rows))
 
 
 def test_scaling_law_fit_recovers_planted_exponents():

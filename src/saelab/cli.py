@@ -370,7 +370,7 @@ def _toy(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from saelab.flags import from_args
-    from saelab.studies.superposition import ToySweepConfig, run_sweep, sweep_cells, write_outputs
+    from saelab.studies.superposition import ToySweepConfig, run_toy, sweep_cells
 
     preset = ToySweepConfig.quick().model_dump(exclude={"data"}) if args.quick else {}
     unset = {k: v for k, v in preset.items() if getattr(args, k, None) is None}
@@ -383,13 +383,13 @@ def _toy(args: argparse.Namespace) -> int:
         bar.update()
 
     t0 = time.perf_counter()
-    results = run_sweep(cfg, on_result=report)
-    bar.close()
     out = Path(args.out)
-    write_outputs(results, cfg, out)
+    _, reused = run_toy(cfg, out, on_result=report)
+    bar.close()
     print((out / "summary.md").read_text())
-    print(f"wrote {out}/sweep.csv, {out}/mmcs_relu.png, {out}/mmcs_topk.png, {out}/summary.md "
-          f"in {time.perf_counter() - t0:.0f} s")
+    how = "reused: the sweep with these settings was already there" if reused else \
+        f"in {time.perf_counter() - t0:.0f} s"
+    print(f"wrote {out}/sweep.csv, {out}/mmcs_relu.png, {out}/mmcs_topk.png, {out}/summary.md ({how})")
     return 0
 
 

@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from saelab import stage
 from saelab.activations.source import ActivationSource
 from saelab.errors import InputError
 from saelab.eval.metrics import evaluate_reconstruction
 from saelab.io import atomic_save_figure, atomic_write_csv, atomic_write_json
 from saelab.sae.arch import PenaltyConfig
+from saelab.sae.base import WEIGHTS_FILENAME
 from saelab.train.config import TrainConfig
 from saelab.train.sweep import train_grid
 
@@ -48,17 +50,26 @@ def run_sweep(
     out = Path(out)
     trained = train_grid(source, base, grid, out)
     evaluated = eval_source or source
-    rows = []
-    for cfg, name, sae in trained:
-        m = evaluate_reconstruction(sae, evaluated.rows(8192, limit=eval_rows))
-        rows.append({
-            "name": name, "architecture": cfg.architecture, "n_latents": sae.n_latents,
-            "k": sae.cfg.k, "coefficient": _coefficient(cfg),
-            "tokens": cfg.steps() * cfg.batch_size, **m.as_dict(),
-            "eval": "held-out" if eval_source is not None else "training rows",
-        })
     csv_path = out / "sweep.csv"
-    atomic_write_csv(rows, csv_path)
+    # the measurements are reused while the SAEs (their weights) and the rows measured on are the same
+    settings = stage.Settings("sweep evaluation", {
+        "saes": {name: stage.file_identity(out / name / WEIGHTS_FILENAME) for _, name, _ in trained},
+        "eval": evaluated.describe(), "eval_rows": eval_rows, "held_out": eval_source is not None})
+    done = stage.finished(csv_path, settings)
+    if done is not None:
+        rows = done["rows"]
+    else:
+        rows = []
+        for cfg, name, sae in trained:
+            m = evaluate_reconstruction(sae, evaluated.rows(8192, limit=eval_rows))
+            rows.append({
+                "name": name, "architecture": cfg.architecture, "n_latents": sae.n_latents,
+                "k": sae.cfg.k, "coefficient": _coefficient(cfg),
+                "tokens": cfg.steps() * cfg.batch_size, **m.as_dict(),
+                "eval": "held-out" if eval_source is not None else "training rows",
+            })
+        atomic_write_csv(rows, csv_path)
+        stage.mark_finished(csv_path, settings, {"rows": rows})
     frontier = out / "frontier.png"
     plot_frontier(rows, frontier)
     scaling = None

@@ -9,6 +9,7 @@ findings are computed from the numbers, not written in advance.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from pydantic import Field
 
+from saelab import stage
 from saelab.activations.source import MatrixSource
 from saelab.config import _Config, build
 from saelab.data.toy import ToyData, ToyDataConfig, make_toy_data
@@ -101,6 +103,22 @@ def _run_cell(cfg: ToySweepConfig, data: ToyData, train: MatrixSource, held_out:
 
 
 # ---------------------------------------------------------------------- outputs
+def run_toy(cfg: ToySweepConfig, out: Path,
+            on_result: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """The sweep and its outputs (CSV, heat maps, summary) in ``out``; a second run with the
+    same settings reuses them (its completion marker). Returns (results, reused)."""
+    out = Path(out)
+    settings = stage.Settings.of("toy sweep", cfg.model_dump())
+    done = stage.finished(out, settings)
+    if done is not None and (out / "summary.md").is_file():
+        return done["results"], True
+    stage.clear(out)
+    results = json.loads(json.dumps(run_sweep(cfg, on_result=on_result), default=float))
+    write_outputs(results, cfg, out)
+    stage.mark_finished(out, settings, {"results": results})
+    return results, False
+
+
 def write_outputs(results: list[dict[str, Any]], cfg: ToySweepConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(results, out / "sweep.csv")
