@@ -481,7 +481,9 @@ def _refuse_other_computations(raw: dict[str, Any], arch: str, where: Path) -> N
     refused, naming the setting, rather than loaded to give other outputs."""
     meta = raw.get("metadata") or raw.get("meta") or {}
     for name, ours in _SAELENS_AS_SAELAB.items():
-        value = raw.get(name, meta.get(name) if name == "hook_head_index" else None)
+        value = raw.get(name)
+        if value is None and name == "hook_head_index":
+            value = meta.get(name)  # SAELens 6 keeps it in metadata, older ones at the top
         if value not in ours:
             raise InputError(
                 f"{where}: SAELens setting {name} = {value!r} is not implemented in saelab (it computes "
