@@ -131,10 +131,48 @@ def test_disk_full_leaves_only_complete_shards(tmp_path, corpus, minilm, monkeyp
     assert len(shard_hashes(tmp_path / "s")) == 2
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == \
         ["manifest.json", "shard_00000.npy", "shard_00001.npy"]
-    store = open_store(tmp_path / "s")
+    with pytest.raises(InputError, match=r"store .*s is incomplete: its harvest stopped at [\d,]+ rows "
+                       r"of the 3,000 asked; re-run the same harvest command .* or pass --allow-incomplete"):
+        open_store(tmp_path / "s")
+    store = open_store(tmp_path / "s", allow_incomplete=True)
     assert store.n_rows == sum(s["rows"] for s in store.shards) < 3000
     harvest(c, tmp_path / "s", lm=minilm)
     assert open_store(tmp_path / "s").n_rows == 3000
+
+
+def test_train_refuses_an_unfinished_store_unless_allowed(tmp_path, corpus, minilm):
+    (path,) = harvest(cfg(corpus, hooks=HOOKS[:1]), tmp_path / "s", lm=minilm)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(complete=False, target_tokens=6000)  # as a harvest stopped half way leaves it
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    args = ["train", "--acts", str(path), "--arch", "topk", "--n-latents", "64", "--k", "4",
+            "--tokens", "2000", "--batch-size", "100", "--no-progress", "--out", str(tmp_path / "sae")]
+    r = run_cli(*args)
+    assert_one_line_error(r, "is incomplete: its harvest stopped at 3,000 rows of the 6,000 asked",
+                          "--allow-incomplete")
+    assert not (tmp_path / "sae").exists()
+    r = run_cli(*args, "--allow-incomplete")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sae" / "sae_weights.safetensors").is_file()
+
+
+def test_rerunning_the_harvest_repairs_damaged_and_missing_shards(tmp_path, corpus, minilm):
+    c = cfg(corpus, hooks=HOOKS[:1])
+    (path,) = harvest(c, tmp_path / "s", lm=minilm)
+    good = {p.name: p.read_bytes() for p in path.glob("shard_*.npy")}
+    shard = path / "shard_00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"shard_00001\.npy is corrupted"):
+        list(open_store(path).rows(10_000))
+    harvest(c, tmp_path / "s", lm=minilm)  # the advice the error gives
+    assert {p.name: p.read_bytes() for p in path.glob("shard_*.npy")} == good
+    assert open_store(path).n_rows == 3000
+    list(open_store(path).rows(10_000))  # every shard verifies again
+    (path / "shard_00003.npy").unlink()
+    harvest(c, tmp_path / "s", lm=minilm)
+    assert {p.name: p.read_bytes() for p in path.glob("shard_*.npy")} == good
 
 
 def test_damaged_stores_name_the_bad_shard(tmp_path, corpus, minilm):

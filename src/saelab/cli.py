@@ -31,9 +31,10 @@ def _train_source(args: argparse.Namespace, drop_nonfinite: bool) -> tuple[Any, 
         if args.target_acts is not None:
             from saelab.activations.source import open_pairs
 
-            source = open_pairs(args.acts, args.target_acts)
+            source = open_pairs(args.acts, args.target_acts, allow_incomplete=args.allow_incomplete)
         else:
-            source = open_source(args.acts, drop_nonfinite=drop_nonfinite)
+            source = open_source(args.acts, drop_nonfinite=drop_nonfinite,
+                                 allow_incomplete=args.allow_incomplete)
         names = {"model_name": getattr(source, "model_name", None),
                  "hook_name": getattr(source, "hook_name", None),
                  "hook_name_out": getattr(source, "hook_name_out", None)}
@@ -100,7 +101,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from saelab.train.sweep import grid_axes, parse_grid
 
     grid = {key: parse_grid(getattr(args, f"grid_{key}"), cast) for key, cast in grid_axes().items()}
-    source = open_source(args.acts, drop_nonfinite=bool(args.drop_nonfinite))
+    source = open_source(args.acts, drop_nonfinite=bool(args.drop_nonfinite),
+                         allow_incomplete=bool(args.allow_incomplete))
     names = {k: v for k, v in {"model_name": getattr(source, "model_name", None),
                                "hook_name": getattr(source, "hook_name", None)}.items() if v}
     base = from_args(TrainConfig, args, **{k: v for k, v in names.items() if getattr(args, k, None) is None})
@@ -158,9 +160,10 @@ def _eval_acts(args: argparse.Namespace, cfg: Any, sae: Any) -> int:
         if args.target_acts is None:
             raise InputError(f"{args.sae_dir} is a transcoder: give --target-acts too (the activations of "
                              f"{sae.cfg.hook_name_out or 'its output hook'})")
-        source: Any = open_pairs(args.acts, args.target_acts)
+        source: Any = open_pairs(args.acts, args.target_acts, allow_incomplete=cfg.allow_incomplete)
     else:
-        source = open_source(args.acts, drop_nonfinite=cfg.drop_nonfinite)
+        source = open_source(args.acts, drop_nonfinite=cfg.drop_nonfinite,
+                             allow_incomplete=cfg.allow_incomplete)
     if source.d_in != sae.d_in:
         raise InputError(
             f"{args.acts} has width {source.d_in} but the SAE in {args.sae_dir} reads d_in = "
@@ -232,7 +235,7 @@ def _harvest(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     paths = harvest(cfg, args.out)
     for p in paths:
-        store = open_store(p, verify=False)
+        store = open_store(p, verify=False, allow_incomplete=True)
         print(f"{p}: {store.n_rows:,} rows x {store.d_in} ({store.hook_name}), "
               f"{len(store.shards)} shards, {store.dtype}")
     print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -299,7 +302,7 @@ def _demo(args: argparse.Namespace) -> int:
     preset = DemoConfig.quick() if args.quick else {}
     unset = {k: v for k, v in preset.items() if getattr(args, k, None) is None}
     cfg = from_args(DemoConfig, args, **unset)
-    out = args.out or Path("runs/demo-quick" if args.quick else "runs/demo")
+    out = args.out
     print(f"saelab demo: {cfg.model} {cfg.hook}, {cfg.tokens:,} tokens of {cfg.corpus}, "
           f"TopK {cfg.expansion_factor:g}x k = {cfg.k} -> {out}", file=sys.stderr)
     r = run_demo(cfg, out)
@@ -532,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "is data parallel [default: 1]")
     add_arguments(p, TrainConfig, group_title="training options (the architecture's settings name the "
                   "architectures that have them)")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, writes="folder")
 
     p = sub.add_parser("sweep", help="train a grid of SAEs on one pass over the data",
                        description="Train every combination of the --grid-* values (dictionary size x k, "
@@ -551,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--grid-{key.replace('_', '-')}", dest=f"grid_{key}", default=None, metavar="A,B,…",
                        help=what)
     add_arguments(p, TrainConfig, group_title="training options (every SAE; a --grid-* value wins)")
-    p.set_defaults(func=_sweep)
+    p.set_defaults(func=_sweep, writes="folder")
 
     p = sub.add_parser("eval", help="measure an SAE on activations or spliced into its model",
                        description="With --acts: FVU, explained variance, L0, dead and dense latents on "
@@ -577,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT/<hook>)")
     p.add_argument("--out", required=True, type=Path, help="store folder")
     add_arguments(p, HarvestConfig, exclude={"hooks"}, group_title="harvest options")
-    p.set_defaults(func=_harvest)
+    p.set_defaults(func=_harvest, writes="folder")
 
     p = sub.add_parser("atlas", help="build the feature atlas of an SAE (then: saelab serve)",
                        description="Run the SAE's model over held-out text and record, for every feature, "
@@ -588,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sae_dir", type=Path, help="SAE folder (cfg.json + sae_weights.safetensors)")
     p.add_argument("--out", required=True, type=Path, help="atlas file to write, e.g. runs/sae.atlas")
     add_arguments(p, AtlasConfig, group_title="atlas options")
-    p.set_defaults(func=_atlas)
+    p.set_defaults(func=_atlas, writes="file")
 
     p = sub.add_parser("export-html", help="write an atlas as a static site (also: saelab atlas export-html)",
                        prog="saelab atlas export-html",
@@ -625,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="viewer address [default: 127.0.0.1]")
     p.add_argument("--port", type=int, default=8000, help="viewer port [default: 8000]")
     add_arguments(p, DemoConfig, group_title="pipeline options")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, writes="folder")
 
     p = sub.add_parser("steer", help="steer a model's generation with SAE features",
                        description="Generate a greedy continuation of --prompt twice: as the model is, and "
@@ -680,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architectures swept [default: relu,topk]")
     add_arguments(p, MonosemanticityConfig, exclude={"sizes", "family_sizes", "architectures"},
                   group_title="study options")
-    p.set_defaults(func=_study_monosemanticity)
+    p.set_defaults(func=_study_monosemanticity, writes="folder")
 
     lms = nested(sub, "lm", "train a small language model here (saelab lm train)",
                  "Language models trained from scratch on a local corpus.")
@@ -693,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "same machine gives the same model.")
     p.add_argument("--out", required=True, type=Path, help="run folder")
     add_arguments(p, LMConfig, group_title="model and training options")
-    p.set_defaults(func=_lm_train)
+    p.set_defaults(func=_lm_train, writes="folder")
 
     p = sub.add_parser("toy", help="the 2022 superposition benchmark sweep",
                        description="Train ReLU-L1 (L1 coefficient x dictionary ratio) and TopK "
@@ -703,8 +706,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller sweep (about a minute); flags given "
                    "beat it")
     add_arguments(p, ToySweepConfig, exclude={"data"}, group_title="sweep options")
-    p.set_defaults(func=_toy)
+    p.set_defaults(func=_toy, writes="folder")
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; one that writes an output holds it (saelab.outputs.claim) while it runs,
+    and a file-system error becomes one line naming the path."""
+    from saelab.outputs import claim, held_by_this_rank, os_error
+
+    writes = getattr(args, "writes", None)
+    try:
+        if writes is None or not held_by_this_rank():
+            return int(args.func(args))
+        words = " ".join(w for w in (args.command, getattr(args, f"{args.command}_command", None)) if w)
+        with claim(args.out, writes, words):
+            return int(args.func(args))
+    except OSError as e:
+        raise os_error(e) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -713,8 +732,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:2] == ["atlas", "export-html"]:
         argv = ["export-html", *argv[2:]]
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.out is None:
+        args.out = Path("runs/demo-quick" if args.quick else "runs/demo")
     try:
-        return int(args.func(args))
+        return _run(args)
     except SaelabError as e:
         print(f"saelab {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -184,6 +184,8 @@ class EvalConfig(_Config):
     max_rows: int | None = Field(default=None, gt=0, description="With --acts: at most this many rows.")
     batch_size: int = Field(default=8192, gt=0, description="With --acts: rows per batch.")
     drop_nonfinite: bool = Field(default=False, description="With --acts: skip rows with NaN/Inf.")
+    allow_incomplete: bool = Field(default=False, description="With --acts: read a store whose "
+                                   "harvest stopped early (refused by default).")
     device: str = Field(default="auto", description="Device for the model: auto, cpu, cuda[:N].")
 
     def text(self) -> TextConfig:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from saelab import __version__, stage
 from saelab.activations.hooks import hook_width, parse_hook, run_hooked
 from saelab.activations.source import rebatch
-from saelab.activations.store import StoreWriter, is_store, read_manifest
+from saelab.activations.store import StoreWriter, damaged_shard, is_store, read_manifest
 from saelab.config import HarvestConfig, TextConfig
 from saelab.data.text import Split, TokenBatch, text_batches
 from saelab.errors import InputError
@@ -85,7 +85,15 @@ def harvest(cfg: HarvestConfig, out: str | Path, lm: LoadedModel | None = None) 
     split: Split = cfg.split
     settings = harvest_settings(cfg)
     dirs = store_dirs(out, cfg.hooks)
-    if stage.finished(out, settings) is not None and all(is_store(d) for d in dirs.values()):
+    # Shards a resumed or repeated harvest keeps are checked against their sha256 first:
+    # a damaged or missing one is written again, with every shard after it.
+    damage = {d: damaged_shard(d, cfg.progress) for d in dirs.values() if is_store(d)}
+    damage = {d: v for d, v in damage.items() if v is not None}
+    for d, (i, what) in damage.items():
+        later = len(read_manifest(d)["shards"]) - i - 1
+        print(f"store {d}: shard {what}; writing it again" + (f", and the {later} after it" if later else ""),
+              file=sys.stderr)
+    if not damage and stage.finished(out, settings) is not None and all(is_store(d) for d in dirs.values()):
         if cfg.progress:
             print(f"{out}: this harvest is already complete; reusing it", file=sys.stderr)
         return list(dirs.values())
@@ -108,7 +116,7 @@ def harvest(cfg: HarvestConfig, out: str | Path, lm: LoadedModel | None = None) 
             fixed.require_same({k: old.get(k) for k in _FIXED}, d, fix="pass another --out or delete it")
         writers[h] = StoreWriter(d, meta, cfg.dtype)
     # Line the stores up at the last shard every hook completed.
-    n_shards = min(len(w.shards) for w in writers.values())
+    n_shards = min([len(w.shards) for w in writers.values()] + [i for i, _ in damage.values()])
     for w in writers.values():
         if len(w.shards) > n_shards:
             w.truncate(n_shards)

@@ -236,21 +236,24 @@ def _load_safetensors_matrix(path: Path) -> Tensor:
 
 
 def open_pairs(inputs: ActivationSource | Tensor | np.ndarray | str | Path,
-               targets: ActivationSource | Tensor | np.ndarray | str | Path) -> PairedSource:
+               targets: ActivationSource | Tensor | np.ndarray | str | Path,
+               allow_incomplete: bool = False) -> PairedSource:
     """Row-aligned (input, target) activations, for a transcoder."""
-    return PairedSource(open_source(inputs), open_source(targets))
+    return PairedSource(open_source(inputs, allow_incomplete=allow_incomplete),
+                        open_source(targets, allow_incomplete=allow_incomplete))
 
 
 def open_source(data: ActivationSource | Tensor | np.ndarray | str | Path,
-                drop_nonfinite: bool = False) -> ActivationSource:
-    """Turn any supported input into an :class:`ActivationSource`."""
+                drop_nonfinite: bool = False, allow_incomplete: bool = False) -> ActivationSource:
+    """Turn any supported input into an :class:`ActivationSource` (a store whose harvest
+    stopped early is refused unless ``allow_incomplete``)."""
     if isinstance(data, (Tensor, np.ndarray)):
         return MatrixSource(data, drop_nonfinite=drop_nonfinite)
     if isinstance(data, (str, Path)):
         if Path(data).is_dir():
             from saelab.activations.store import open_store
 
-            return open_store(data)
+            return open_store(data, allow_incomplete=allow_incomplete)
         return load_matrix(data, drop_nonfinite=drop_nonfinite)
     if isinstance(data, (ActivationSource, PairedSource)):
         return data  # type: ignore[return-value]

@@ -174,6 +174,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def damaged_shard(path: Path, progress: bool = False) -> tuple[int, str] | None:
+    """The first shard the manifest lists that is missing or whose bytes differ from the
+    sha256 it recorded, with what is wrong; None if every shard is intact."""
+    shards = read_manifest(path)["shards"]
+    from tqdm.auto import tqdm
+
+    for i, s in enumerate(tqdm(shards, desc=f"verify {path.name}", unit="shard", leave=False,
+                               disable=not progress or not shards)):
+        file = path / s["file"]
+        if not file.is_file():
+            return i, f"{s['file']} is missing"
+        if sha256_file(file) != s["sha256"]:
+            return i, f"{s['file']} is corrupted (sha256 differs from the manifest)"
+    return None
+
+
 @dataclass(frozen=True)
 class _Chunk:
     shard: int
@@ -185,9 +201,18 @@ class ActivationStore:
     """Reads a store; implements :class:`~saelab.activations.source.ActivationSource`."""
 
     def __init__(self, path: str | Path, buffer_rows: int = DEFAULT_BUFFER_ROWS,
-                 chunk_rows: int = CHUNK_ROWS, verify: bool = True, prefetch: bool = True) -> None:
+                 chunk_rows: int = CHUNK_ROWS, verify: bool = True, prefetch: bool = True,
+                 allow_incomplete: bool = True) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        if not allow_incomplete and not self.complete:
+            asked = self.manifest.get("target_tokens")
+            raise InputError(
+                f"store {self.path} is incomplete: its harvest stopped at "
+                f"{int(self.manifest['token_count']):,} rows"
+                + (f" of the {int(asked):,} asked" if asked else "")
+                + "; re-run the same harvest command to finish it, or pass --allow-incomplete to use "
+                "the rows it has")
         self.d_in = int(self.manifest["d_in"])
         self.dtype = str(self.manifest["dtype"])
         self.hook_name: str | None = self.manifest.get("hook_name")
@@ -215,6 +240,11 @@ class ActivationStore:
         for i in range(len(self.shards)):
             self._check_shape(i)
 
+    @property
+    def complete(self) -> bool:
+        """Whether its harvest finished (stores written before the flag existed count as finished)."""
+        return bool(self.manifest.get("complete", True))
+
     # ---------------------------------------------------------------- checks
     def _file(self, i: int) -> Path:
         return self.path / self.shards[i]["file"]
@@ -223,7 +253,8 @@ class ActivationStore:
         """Cheap: the shard exists and its header and size match the manifest."""
         file = self._file(i)
         if not file.is_file():
-            raise InputError(f"store {self.path}: shard {file.name} is listed in the manifest but missing")
+            raise InputError(f"store {self.path}: shard {file.name} is listed in the manifest but missing; "
+                             "re-run the same harvest command to rewrite it")
         try:
             with open(file, "rb") as f:
                 version = np.lib.format.read_magic(f)
@@ -233,7 +264,7 @@ class ActivationStore:
                 header = f.tell()
         except (ValueError, OSError) as e:
             raise InputError(f"store {self.path}: shard {file.name} is corrupted ({e}); re-run the "
-                             "harvest to rewrite it") from None
+                             "same harvest command to rewrite it") from None
         want = (int(self.counts[i]), self.d_in)
         if tuple(shape) != want or dtype != np.dtype(DTYPES[self.dtype]):
             raise InputError(
@@ -244,7 +275,7 @@ class ActivationStore:
         if file.stat().st_size != expected:
             raise InputError(
                 f"store {self.path}: shard {file.name} is truncated or padded ({file.stat().st_size:,} "
-                f"bytes, expected {expected:,}); re-run the harvest to rewrite it"
+                f"bytes, expected {expected:,}); re-run the same harvest command to rewrite it"
             )
 
     def verify_shard(self, i: int) -> None:
@@ -366,8 +397,9 @@ class ActivationStore:
                f"{len(self.shards)} shards, {self.dtype})"
 
 
-def open_store(path: str | Path, **kwargs: Any) -> ActivationStore:
-    """Open a store; a folder of several hooks' stores names them in the error."""
+def open_store(path: str | Path, allow_incomplete: bool = False, **kwargs: Any) -> ActivationStore:
+    """Open a store (one whose harvest stopped early only with ``allow_incomplete``); a folder of
+    several hooks' stores names them in the error."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such activation store")
@@ -377,4 +409,4 @@ def open_store(path: str | Path, **kwargs: Any) -> ActivationStore:
             raise InputError(f"{path} holds stores for several hooks ({', '.join(subs)}); pass one of "
                              f"them, e.g. {path / subs[0]}")
         raise InputError(f"{path}: not an activation store (no {MANIFEST})")
-    return ActivationStore(path, **kwargs)
+    return ActivationStore(path, allow_incomplete=allow_incomplete, **kwargs)

@@ -69,6 +69,9 @@ class TrainConfig(Config):
     drop_nonfinite: bool = Field(
         default=False, description="Skip rows containing NaN/Inf instead of refusing the data."
     )
+    allow_incomplete: bool = Field(
+        default=False, description="Train on a store whose harvest stopped before its --tokens "
+        "(refused by default: it holds fewer rows than asked).")
     hook_name: str | None = Field(default=None, description="Hook point recorded in cfg.json.")
     hook_name_out: str | None = Field(
         default=None, description="Target hook point recorded in cfg.json (a transcoder's).")

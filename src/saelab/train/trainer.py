@@ -50,7 +50,7 @@ RESAMPLE_SAMPLE_ROWS = 16384
 # Settings that may change between a run and its resumption without changing the result.
 # (The names recorded in cfg.json are among them: they describe the data, they do not change it.)
 RESUMABLE_CHANGES = {"device", "progress", "checkpoint_every_steps", "log_every_steps",
-                     "model_name", "hook_name", "hook_name_out"}
+                     "model_name", "hook_name", "hook_name_out", "allow_incomplete"}
 
 
 def adam(params: Any, lr: float) -> torch.optim.Adam:
@@ -590,5 +590,5 @@ def train_sae(
         config = build(TrainConfig, **overrides)
     elif overrides:
         config = build(TrainConfig, **{**config.model_dump(), **overrides})
-    source = open_source(data, drop_nonfinite=config.drop_nonfinite)
+    source = open_source(data, drop_nonfinite=config.drop_nonfinite, allow_incomplete=config.allow_incomplete)
     return Trainer(source, config, out_dir).run()
