@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -55,6 +56,11 @@ def _train_source(args: argparse.Namespace, drop_nonfinite: bool) -> tuple[Any, 
     return ModelStream(lm, args.hook, text, tokens), {"model_name": args.model, "hook_name": args.hook}
 
 
+# A trained SAE whose FVU on its training rows is above this reconstructs worse than the
+# data's mean (FVU 1), with room for a short run's noise: the run failed, whatever its exit.
+MAX_FVU = 1.5
+
+
 def _train(args: argparse.Namespace) -> int:
     from saelab.eval.metrics import evaluate_reconstruction
     from saelab.flags import from_args
@@ -89,6 +95,12 @@ def _train(args: argparse.Namespace) -> int:
     m = evaluate_reconstruction(sae, source.rows(8192, limit=rows))
     print(f"done in {time.perf_counter() - t0:.1f} s; on the first {rows:,} rows (training data): "
           f"FVU {m.fvu:.4f}, L0 {m.l0:.1f}, dead {100 * m.dead_fraction:.1f}%", file=sys.stderr)
+    if not math.isfinite(m.fvu) or m.fvu > MAX_FVU:
+        raise SaelabError(
+            f"the SAE in {args.out} did not learn: FVU {m.fvu:.4g} on its own training rows, where "
+            f"predicting their mean gives 1 (more than {MAX_FVU} is refused as a result). Its weights are "
+            f"kept for inspection; check the activations (d_in = {source.d_in}, their scale) and the "
+            "settings (--lr, the sparsity, --n-latents)")
     print(f"saved {args.out}/cfg.json and sae_weights.safetensors")
     return 0
 

@@ -53,6 +53,13 @@ class LoadedModel:
     d_model: int
     n_layers: int
     causal: bool  # has an LM head whose logits give next-token cross-entropy
+    max_positions: int | None = None  # the longest window its position embeddings cover
+
+    def check_context(self, context_length: int) -> None:
+        """Refuse windows longer than the model's positions, naming the maximum."""
+        if self.max_positions is not None and context_length > self.max_positions:
+            raise InputError(f"--context-length {context_length:,} is beyond {self.name}'s "
+                             f"{self.max_positions:,} positions; use at most {self.max_positions:,}")
 
     @property
     def device(self) -> torch.device:
@@ -169,6 +176,7 @@ def load_model(name: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise InputError(f"{label}: no such model file or folder")
     else:
         folder = None  # a hub name
+        _check_hub_name(label)
     if folder is not None and gguf is not None:
         folder = _gguf_cache(folder, gguf)
     source = str(folder) if folder is not None else label
@@ -193,7 +201,46 @@ def load_model(name: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         d_model=int(getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd),
         n_layers=int(getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer),
         causal=causal,
+        max_positions=next((int(v) for k in ("max_position_embeddings", "n_positions")
+                            if isinstance(v := getattr(text_cfg, k, None), int)), None),
     )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (HF_HUB_OFFLINE=1: never asked)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_hub_name(label: str) -> None:
+    """Before a hub download: a misspelt alias gets "did you mean", and with no hub to reach a
+    name that is not in the local hub cache fails at once (instead of retrying for half a minute)."""
+    import difflib
+
+    aliases = ", ".join(ALIASES)
+    close = difflib.get_close_matches(label.lower(), list(ALIASES), n=1, cutoff=0.7)
+    if close:
+        raise InputError(f"unknown model {label!r}: did you mean {close[0]}? (aliases: {aliases})")
+    if _hub_reachable():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(label, "config.json"), str):
+        raise InputError(
+            f"unknown model {label!r}: not an alias ({aliases}), not a local folder or .gguf file, and the "
+            "Hugging Face hub cannot be reached from here to fetch it; give a local Hugging Face folder "
+            "(with config.json) or a .gguf file")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # it is in the cache: load it from there, without retries
+    constants.HF_HUB_OFFLINE = True
 
 
 def open_model(name: str, device: str = "auto") -> LoadedModel:

@@ -334,6 +334,7 @@ def token_batches(corpus: Corpus, tokenizer: Any, context_length: int, batch_siz
 def text_batches(lm: LoadedModel, text: TextConfig, split: Split, skip_windows: int = 0,
                  batch_size: int | None = None) -> Iterator[TokenBatch]:
     """The windows of ``text``'s corpus (one split) as ``lm`` tokenises them."""
+    lm.check_context(text.context_length)
     corpus = Corpus(text.corpus, text.text_field, text.heldout_fraction)
     return token_batches(corpus, lm.tokenizer, text.context_length, batch_size or text.batch_size,
                          lm.window_format(), split, keep_special=text.keep_special,

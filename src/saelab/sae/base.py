@@ -407,8 +407,11 @@ class SAE(nn.Module):
             raise InputError(f"{path} has {CFG_FILENAME} but no {WEIGHTS_FILENAME}")
         try:
             raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{cfg_path} is not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{cfg_path} holds a JSON {type(raw).__name__}, not the object of an SAE's "
+                             "settings (d_in, d_sae, architecture, ...)")
         cfg = _sae_config_from_json(raw, cfg_path)
         try:
             tensors = load_file(str(weights_path), device=str(device))

@@ -23,6 +23,8 @@ import ctypes.util
 import os
 import threading
 
+import torch
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 DEFAULT_MMAP_MAX = 65536
@@ -88,3 +90,32 @@ def release() -> None:
             libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
             libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)
+
+
+# Bytes per latent beyond the parameters, per row of the batch: the dense [batch, n] float32
+# buffers of a step (pre-activations, the top-k and its backward), 1.15 of them as fitted in
+# benchmarks/train_memory.py (18,787 bytes per latent at batch 4096).
+DENSE_BYTES_PER_ROW = 4.6
+
+
+def training_bytes(d_in: int, d_out: int, n_latents: int, batch_size: int, param_bytes: int = 4) -> int:
+    """About how much memory one training process needs: the encoder and decoder with their
+    gradients (``param_bytes`` each) and Adam's two float32 moments, the dense [batch, n]
+    buffers of a step, and a few [batch, d] copies of the rows."""
+    per_latent = (d_in + d_out) * (2 * param_bytes + 8) + DENSE_BYTES_PER_ROW * batch_size
+    return int(n_latents * per_latent + 4 * 4 * batch_size * (d_in + d_out))
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can have on ``device``: MemAvailable on the CPU, the free
+    device memory on CUDA (None where it cannot be told)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        return available_bytes()
+    return None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"

@@ -104,6 +104,7 @@ class Trainer:
         self.decay_steps = int(cfg.lr_decay_fraction * self.steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
+        self._check_trainable(source)
         kind = SAE.registry[self.sae_cfg.architecture]
         if kind.reads_pairs != (d_out is not None):
             pairs = [a for a, c in SAE.registry.items() if c.reads_pairs]
@@ -128,6 +129,31 @@ class Trainer:
         self.settings = run_settings(cfg)
         self.reused: SAE | None = None  # the finished SAE found in out_dir, if begin() found one
         self._retaining: weakref.finalize | None = None  # releases this run's memory.retain()
+
+    def _check_trainable(self, source: ActivationSource) -> None:
+        """Refuse, before anything is allocated, a run that cannot learn or cannot fit."""
+        cfg, sae_cfg = self.cfg, self.sae_cfg
+        if source.n_rows < cfg.batch_size:
+            raise InputError(
+                f"{source.describe()}: {source.n_rows:,} rows are fewer than one batch (--batch-size "
+                f"{cfg.batch_size:,}); give more rows or a smaller --batch-size")
+        k = getattr(sae_cfg.sae, "k", None)
+        if k is not None and k > sae_cfg.d_in:
+            raise InputError(
+                f"k = {k} is more than the {sae_cfg.d_in} columns of the activations: such a code is no "
+                "sparser than its input; lower --k")
+        n_local = -(-self.n // self.comm.ls)
+        param_bytes = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
+        need = memory.training_bytes(sae_cfg.d_in, sae_cfg.d_out or sae_cfg.d_in, n_local,
+                                     cfg.batch_size // self.comm.dp, param_bytes)
+        have = memory.free_bytes(self.device)
+        if have is not None and need > have:
+            raise InputError(
+                f"this run needs about {memory.gib(need)} on {self.device} ({n_local:,} latents x "
+                f"{sae_cfg.d_in} wide, batch {cfg.batch_size // self.comm.dp:,}: parameters, gradients, "
+                f"Adam's moments and the dense [batch, latents] buffers; see benchmarks/train_memory.md) "
+                f"but {memory.gib(have)} is free; lower --n-latents / --expansion-factor or --batch-size"
+                + (", or split the latents over processes (--latent-shards)" if self.comm.ls == 1 else ""))
 
     def _latent_shard(self, full: SAE) -> SAE:
         """This process's slice of the latents of ``full`` (``--latent-shards``)."""
