@@ -174,7 +174,7 @@ def test_study_on_a_tiny_model_then_the_viewer(tiny_lm, tmp_path):
     books = out / "atlas"
     app = serve_atlases(books / "topk-2x.atlas",
                         {"neurons": books / "neurons.atlas", "topk-1x": books / "topk-1x.atlas"}, live=False)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         meta = c.get("/api/meta").json()
         assert meta["current"] == "topk-2x" and meta["dictionaries"]["neurons"] == "/d/neurons/"
         sub = c.get("/d/neurons/api/meta").json()

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def client(small_atlas):
-    with TestClient(create_app(small_atlas["path"], live=True, device="cpu")) as c:
+    app = create_app(small_atlas["path"], live=True, device="cpu")
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
 

@@ -280,7 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
     from saelab.config import ServeConfig
     from saelab.errors import InputError
     from saelab.flags import from_args
-    from saelab.view.server import serve_atlases
+    from saelab.view.server import serve_atlases, served_names
 
     cfg = from_args(ServeConfig, args)
     companions = {}
@@ -290,7 +290,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise InputError(f"--with {spec!r}: write NAME=ATLAS, NAME in letters, digits, '-', '_', '.'")
         companions[name] = Path(path)
     app = serve_atlases(args.atlas, companions, name=cfg.name, live=cfg.live, sae_dir=cfg.sae,
-                        device=cfg.device, max_chars=cfg.max_chars, max_tokens=cfg.max_tokens)
+                        device=cfg.device, max_chars=cfg.max_chars, max_tokens=cfg.max_tokens,
+                        hosts=served_names(cfg.host), docs=cfg.docs)
     _run_server(app, cfg.host, cfg.port, cfg.log_level)
     return 0
 
@@ -325,10 +326,10 @@ def _demo(args: argparse.Namespace) -> int:
     if not args.serve:
         print(f"\nbrowse it: saelab serve {r.atlas}")
         return 0
-    from saelab.view.server import create_app
+    from saelab.view.server import create_app, served_names
 
     print()
-    app = create_app(r.atlas, device=cfg.device, lm=r.lm)
+    app = create_app(r.atlas, device=cfg.device, lm=r.lm, hosts=served_names(args.host))
     _run_server(app, args.host, args.port)
     return 0
 

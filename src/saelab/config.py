@@ -210,6 +210,7 @@ class ServeConfig(_Config):
         default="warning", description="uvicorn log level.")
     name: str | None = Field(default=None, description="This atlas's name in the links "
                              "[default: its file name].")
+    docs: bool = Field(default=False, description="Also serve the API's interactive docs at /api/docs.")
 
 
 class SteerConfig(_Config):

@@ -192,6 +192,28 @@ class Atlas:
                              f"({validation_message(e)}); rebuild it with `saelab atlas`") from None
         self.n_features = int(self._db().execute("SELECT COUNT(*) FROM features").fetchone()[0])
 
+    def check(self) -> None:
+        """Refuse a damaged file: SQLite's quick_check, then every page read back and
+        decompressed (its gzip CRC checked), naming the first bad pages."""
+        import zlib
+
+        try:
+            problems = [r[0] for r in self._db().execute("PRAGMA quick_check").fetchall() if r[0] != "ok"]
+            bad = []
+            if not problems:
+                for fid, blob in self._db().execute("SELECT feature, json FROM pages"):
+                    try:
+                        gzip.decompress(bytes(blob))
+                    except (OSError, EOFError, zlib.error):
+                        bad.append(int(fid))
+        except sqlite3.DatabaseError as e:
+            problems, bad = [str(e)], []
+        if problems or bad:
+            what = "; ".join(problems[:3]) if problems else \
+                f"{len(bad):,} of {self.n_features:,} feature pages do not read back (features " \
+                f"{', '.join(map(str, bad[:8]))}{', ...' if len(bad) > 8 else ''})"
+            raise InputError(f"{self.path} is damaged: {what}; rebuild it with `saelab atlas`")
+
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:

@@ -30,18 +30,21 @@ tokens) and run one request at a time, answering 503 when busy for longer than
 from __future__ import annotations
 
 import gzip
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as FPath
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from saelab.analyse.atlasdb import SORTS, Atlas
 from saelab.analyse.page import schema
@@ -60,11 +63,24 @@ SECURITY_HEADERS = [
 ]
 
 
-class SecurityHeaders:
-    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware) adding the headers above."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+INT64 = 2**63 - 1  # the largest id SQLite can bind
+FeatureId = Annotated[int, FPath(ge=-INT64 - 1, le=INT64)]
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+
+class Guard:
+    """Pure ASGI middleware (cheaper than BaseHTTPMiddleware) in front of every route:
+
+    - the security headers above on every response, errors included;
+    - the ``Host`` header must name this server (``hosts``, any port), so a page on another
+      site whose DNS name rebinds to 127.0.0.1 cannot read the atlas or run the model;
+    - a request body is limited to ``max_body`` bytes before it is read: a declared
+      ``content-length`` above it is answered 413 at once, a streamed one is answered 413
+      as soon as it passes the limit.
+    """
+
+    def __init__(self, app: Any, hosts: frozenset[str] | None, max_body: int) -> None:
+        self.app, self.hosts, self.max_body = app, hosts, max_body
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -76,26 +92,87 @@ class SecurityHeaders:
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        headers = dict(scope.get("headers") or [])
+        if self.hosts is not None and _host_name(headers.get(b"host", b"")) not in self.hosts:
+            await _answer(send_with_headers, 421, "this viewer answers only to the names it is served at "
+                          f"({', '.join(sorted(self.hosts))}); open it by one of them")
+            return
+        declared = headers.get(b"content-length", b"0")
+        too_large = f"request bodies are limited to {self.max_body:,} bytes"
+        if not declared.isdigit() or int(declared) > self.max_body:
+            await _answer(send_with_headers, 413, too_large)
+            return
+        # Read the (small) body here, stopping at the limit, and hand it on whole.
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            more = bool(message.get("more_body"))
+            if size > self.max_body:
+                await _answer(send_with_headers, 413, too_large)
+                return
+        replay = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
+
+        async def replayed() -> dict:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send_with_headers)
+
+
+def _host_name(raw: bytes) -> str:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+async def _answer(send: Any, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def served_names(host: str) -> frozenset[str] | None:
+    """The Host names a viewer listening on ``host`` answers to (None: any, on a wildcard address)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    return frozenset({*LOOPBACK, host.lower().strip("[]")})
+
+
+def _no_lone_surrogates(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+                         "which is not text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 
 
 class LiveRequest(BaseModel):
-    text: str = Field(description="Text to run through the model and SAE.")
+    text: Text = Field(description="Text to run through the model and SAE.")
 
 
 class SteerRequest(BaseModel):
-    feature: int = Field(ge=0, description="The feature to change.")
-    prompt: str = Field(min_length=1, description="Text to continue.")
+    feature: int = Field(ge=0, le=INT64, description="The feature to change.")
+    prompt: Text = Field(min_length=1, description="Text to continue.")
     mode: Literal["clamp", "scale", "ablate", "add"] = Field(
         default="clamp", description="clamp to value, scale by value, ablate, or add value x its direction."
     )
-    value: float = Field(default=0.0, ge=-1e4, le=1e4, description="The strength.")
+    value: float = Field(default=0.0, ge=-1e4, le=1e4, allow_inf_nan=False, description="The strength.")
     max_new_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate.")
 
 
 class AttributeRequest(BaseModel):
-    text: str = Field(min_length=1, description="The prompt whose next token is explained.")
-    target: str | None = Field(
+    text: Text = Field(min_length=1, description="The prompt whose next token is explained.")
+    target: Text | None = Field(
         default=None, max_length=64, description="Token to explain [default: the model's prediction]."
     )
 
@@ -117,17 +194,21 @@ class LiveModel:
         r = features_on_text(self.lm, self.sae, self.hook, text, self.max_tokens, per_token=top)
         return {"tokens": r.tokens, "features": r.per_token, "truncated": r.truncated, "top": r.top}
 
-    def tokens_of(self, text: str) -> tuple[str, bool]:
-        """``text`` cut to the token limit, and whether it was cut."""
+    def tokens_of(self, text: str, limit: int) -> tuple[str, bool]:
+        """``text`` cut to ``limit`` tokens, and whether it was cut."""
         ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.max_tokens:
+        if len(ids) <= limit:
             return text, False
-        return self.lm.tokenizer.decode(ids[: self.max_tokens]), True
+        return self.lm.tokenizer.decode(ids[:limit]), True
 
     def steer(self, req: SteerRequest) -> dict[str, Any]:
         from saelab.steer import Edit, generate
 
-        prompt, truncated = self.tokens_of(req.prompt)
+        room = (self.lm.max_positions or 1 << 30) - 2 - req.max_new_tokens  # BOS, and the new tokens
+        if room < 1:
+            raise SaelabError(f"{self.lm.name} has {self.lm.max_positions} positions: ask for fewer than "
+                              f"{req.max_new_tokens} new tokens")
+        prompt, truncated = self.tokens_of(req.prompt, min(self.max_tokens, room))
         edit = Edit(req.feature, req.mode, req.value)
         c = generate(self.lm, self.sae, self.hook, prompt, [edit], max_new_tokens=req.max_new_tokens)
         return {"prompt": prompt, "truncated": truncated, "clean": c.clean, "steered": c.steered,
@@ -142,17 +223,34 @@ class LiveModel:
                 "features": a.per_token, "top": a.top}
 
 
-def _load_live(atlas: Atlas, sae_dir: str | None, device: str, max_chars: int, max_tokens: int,
+def _load_live(atlas: Atlas, sae: Any, device: str, max_chars: int, max_tokens: int,
                lm: Any = None) -> LiveModel:
+    """The live model; text is cut to what its position embeddings cover (BOS and an end
+    token included)."""
     from saelab.models import open_model
     from saelab.sae.base import SAE
 
-    path = sae_dir or atlas.meta["sae"]["path"]
-    sae = SAE.load(path)
+    sae = sae if sae is not None else SAE.load(atlas.meta["sae"]["path"])
     lm = lm or open_model(atlas.meta["model"], device)
+    if lm.max_positions is not None:
+        max_tokens = min(max_tokens, lm.max_positions - 2)
     return LiveModel(
         sae.to(lm.device).eval(), lm, atlas.meta["hook_name"], max_chars, max_tokens, threading.Lock()
     )
+
+
+def matching_sae(atlas: Atlas, sae_dir: str | Path) -> Any:
+    """The SAE at ``sae_dir``, refused unless it is as wide as the atlas's dictionary."""
+    from saelab.sae.base import SAE
+
+    sae = SAE.load(sae_dir)
+    want = atlas.meta.get("sae", {})
+    if sae.n_latents != atlas.n_features or (want.get("d_in") not in (None, sae.d_in)):
+        raise SaelabError(
+            f"--sae {sae_dir} has {sae.n_latents:,} latents reading d_in = {sae.d_in}, but the atlas "
+            f"{atlas.path} describes {atlas.n_features:,} features of d_in = {want.get('d_in')}; give the "
+            "SAE the atlas was built from")
+    return sae
 
 
 def create_app(
@@ -166,12 +264,20 @@ def create_app(
     lm: Any = None,
     dictionaries: dict[str, str] | None = None,
     current: str | None = None,
+    hosts: frozenset[str] | None = frozenset(LOOPBACK),
+    docs: bool = False,
 ) -> FastAPI:
     """The viewer app for the atlas at ``atlas_path``. With ``live``, the SAE (from the path
     the atlas records, or ``sae_dir``) and its model (or ``lm``, already loaded) load at
     startup for the text box, steering and attribution. ``dictionaries`` ({name: URL}) are
-    the atlases served beside this one (``current`` names this one), linked from the page."""
+    the atlases served beside this one (``current`` names this one), linked from the page.
+    ``hosts``: the names it answers to (None: any); ``docs``: serve /api/docs.
+
+    The atlas is checked first (SQLite's quick_check and every page read back); a damaged
+    one, or an ``sae_dir`` of another width, is refused here rather than failing per request."""
     atlas = Atlas(atlas_path)
+    atlas.check()
+    given_sae = matching_sae(atlas, sae_dir) if live and sae_dir is not None else None
     served = dict(dictionaries or {})
     state: dict[str, Any] = {"live": None, "live_error": None if live else "started with --no-live"}
 
@@ -179,13 +285,27 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if live:
             try:
-                state["live"] = _load_live(atlas, sae_dir, device, max_chars, max_tokens, lm)
+                state["live"] = _load_live(atlas, given_sae, device, max_chars, max_tokens, lm)
             except (SaelabError, OSError) as e:
                 state["live_error"] = f"the live text box is off: {e}"
         yield
 
-    app = FastAPI(title="saelab atlas", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
-    app.add_middleware(SecurityHeaders)
+    app = FastAPI(title="saelab atlas", lifespan=lifespan, redoc_url=None,
+                  docs_url="/api/docs" if docs else None, openapi_url="/api/openapi.json" if docs else None)
+    app.add_middleware(Guard, hosts=hosts, max_body=max(1 << 16, 12 * max_chars + 4096))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The default handler echoes the input back, and fails on NaN or Infinity in it.
+        detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the request's fault: still JSON, still with the security headers.
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server's log"},
+                            status_code=500, headers={k.decode(): v.decode() for k, v in SECURITY_HEADERS})
     index = (STATIC / "index.html").read_text()
 
     @app.get("/", include_in_schema=False)
@@ -193,7 +313,7 @@ def create_app(
         return Response(index, media_type="text/html; charset=utf-8")
 
     @app.get("/feature/{fid}", include_in_schema=False)
-    def feature_link(fid: int) -> RedirectResponse:
+    def feature_link(fid: FeatureId) -> RedirectResponse:
         return RedirectResponse(f"/#/f/{fid}")
 
     @app.get("/api/meta")
@@ -219,16 +339,16 @@ def create_app(
         sort: str = Query("density", pattern=f"^({'|'.join(SORTS)})$"),
         order: str = Query("desc", pattern="^(asc|desc)$"),
         q: str | None = Query(None, max_length=200),
-        min_density: float | None = None,
-        max_density: float | None = None,
-        offset: int = Query(0, ge=0),
+        min_density: float | None = Query(None, allow_inf_nan=False),
+        max_density: float | None = Query(None, allow_inf_nan=False),
+        offset: int = Query(0, ge=0, le=INT64),
         limit: int = Query(50, ge=1, le=500),
     ) -> dict[str, Any]:
         total, items = atlas.list_features(sort, order == "desc", q, min_density, max_density, offset, limit)
         return {"total": total, "offset": offset, "items": items}
 
     @app.get("/api/feature/{fid}")
-    def feature(fid: int, request: Request) -> Response:
+    def feature(fid: FeatureId, request: Request) -> Response:
         raw = atlas.page_gz(fid)
         if raw is None:
             raise HTTPException(404, f"no feature {fid} (the atlas has 0 to {atlas.n_features - 1})")
@@ -284,7 +404,7 @@ def create_app(
         return JSONResponse(with_model(req.text, lambda lm: lm.attribute(req)))
 
     @app.get("/api/relatives/{fid}")
-    def relatives(fid: int) -> dict[str, Any]:
+    def relatives(fid: FeatureId) -> dict[str, Any]:
         if not 0 <= fid < atlas.n_features:
             raise HTTPException(404, f"no feature {fid} (the atlas has 0 to {atlas.n_features - 1})")
         items = atlas.relatives(fid)
@@ -306,7 +426,7 @@ def serve_atlases(atlas_path: str | Path, companions: dict[str, Path], name: str
     urls = {main_name: "/", **{n: f"/d/{n}/" for n in companions}}
     app = create_app(atlas_path, dictionaries=urls, current=main_name, **live)
     for n, path in companions.items():
-        app.mount(f"/d/{n}", create_app(path, live=False, dictionaries=urls, current=n))
+        app.mount(f"/d/{n}", create_app(path, live=False, dictionaries=urls, current=n, hosts=None))
 
         def slash(n: str = n) -> RedirectResponse:
             return RedirectResponse(f"/d/{n}/")

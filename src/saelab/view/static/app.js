@@ -19,20 +19,26 @@ function el(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === null || v === undefined || v === false) continue;
     if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
+    else if (k === "text") node.textContent = visible(v);
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else node.setAttribute(k, v);
+    else node.setAttribute(k, k === "title" ? visible(v) : v);
   }
   for (const c of children.flat()) {
     if (c === null || c === undefined || c === false) continue;
-    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    node.append(c instanceof Node ? c : document.createTextNode(visible(c)));
   }
   return node;
+}
+// Bidirectional controls (U+202E RIGHT-TO-LEFT OVERRIDE, ...) in atlas text would reorder what
+// is drawn after them: every text node shows them as visible marks instead of applying them.
+const BIDI = /[\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/g;
+function visible(v) {
+  return String(v).replace(BIDI, (c) => `\u27E6U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}\u27E7`);
 }
 function svg(tag, attrs, ...children) {
   const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(visible(c)));
   return node;
 }
 function show(...nodes) { main().replaceChildren(...nodes.flat(2).filter((n) => n !== null && n !== undefined && n !== false)); }
@@ -398,10 +404,13 @@ function pageAbout() {
 
 // ---------------------------------------------------------------- routing and keys
 async function route() {
-  const h = decodeURIComponent(location.hash.replace(/^#/, "")) || "/";
   try {
+    let h;
+    try { h = decodeURIComponent(location.hash.replace(/^#/, "")) || "/"; } catch (e) {
+      throw new Error(`this address is not a valid link (${e.message}): ${location.hash.slice(0, 200)}`);
+    }
     META = META || await api.meta();
-    document.getElementById("subtitle").textContent = `${META.model} · ${META.hook_name} · ${META.n_features.toLocaleString()} features`;
+    document.getElementById("subtitle").textContent = visible(`${META.model} · ${META.hook_name} · ${META.n_features.toLocaleString()} features`);
     const dicts = Object.entries(META.dictionaries || {});
     if (dicts.length > 1) document.getElementById("dicts").replaceChildren("dictionaries: ", ...dicts.map(([name, url]) =>
       name === META.current ? el("b", {}, name, " ") : el("a", { href: url + "#/" }, name + " ")));
