@@ -1,5 +1,5 @@
 """Viewer under load: 50 concurrent clients on loopback for 30 s against feature pages of a
-65,536-feature atlas.
+65,536-feature atlas, then the feature list and the live text box.
 
     python benchmarks/viewer_load.py [--tokens 65536] [--connections 50] [--duration 30]
 
@@ -7,10 +7,11 @@
    unit-norm dictionary: the load test needs the atlas's shape, not trained features) on
    SmolLM2-135M blocks.6.hook_resid_post, and its atlas over ``--tokens`` held-out tokens
    (so a feature has ~32 firings and full example lists). Build time and tokens/s recorded.
-2. `saelab serve ATLAS --no-live` in its own process (one uvicorn worker).
+2. `saelab serve ATLAS` in its own process (one uvicorn worker; the live model loaded).
 3. wrk (Debian's `wrk`, C, 2 threads) with ``--connections`` keep-alive connections for
    ``--duration`` seconds, each request a uniformly random feature page, as a browser asks
-   for it (Accept-Encoding: gzip). Then the same against the feature list endpoint.
+   for it (Accept-Encoding: gzip). Then the same against the feature list endpoint, and
+   POSTs of a one-sentence text to the live text box.
 
 The load generator shares the 2 CPU cores with the server, so these are conservative.
 Results go to benchmarks/viewer_load.{json,md}.
@@ -32,12 +33,18 @@ from pathlib import Path
 
 import torch
 
+LIVE_TEXT = ("The function returns a list of the values that were found in the table, "
+             "sorted by their keys, or None when the table is empty.")
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 LUA = """
 local n = {n}
 local path = "{path}"
+local body = {body}
 request = function()
+  if body then
+    return wrk.format("POST", path, {{["Content-Type"] = "application/json"}}, body)
+  end
   local p = path
   if n > 0 then p = p .. math.random(0, n - 1) end
   return wrk.format("GET", p, {{["Accept-Encoding"] = "gzip"}})
@@ -88,11 +95,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wrk(url: str, path: str, n: int, connections: int, duration: int) -> dict:
+def wrk(url: str, path: str, n: int, connections: int, duration: int, body: str | None = None,
+        timeout: int = 10) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(LUA.format(n=n, path=path))
+        f.write(LUA.format(n=n, path=path, body="nil" if body is None else json.dumps(body)))
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", f.name, url],
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", f"{timeout}s", "-s", f.name, url],
         capture_output=True,
         text=True,
         check=True,
@@ -129,11 +137,11 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "saelab", "serve", str(args.atlas), "--no-live", "--port", str(port)],
+        [sys.executable, "-m", "saelab", "serve", str(args.atlas), "--port", str(port), "--device", "cpu"],
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(300):
+        for _ in range(1200):
             try:
                 urllib.request.urlopen(url + "/api/meta", timeout=1)
                 break
@@ -145,11 +153,19 @@ def main() -> None:
         res["feature_list"] = wrk(
             url, "/api/features?sort=density&order=desc&limit=50", 0, args.connections, min(args.duration, 10)
         )
+        # The live text box: the model and SAE on each request's text, one request at a time
+        # (the server queues the rest), so latency grows with the queue of 50 clients.
+        print("load: live text box ...", file=sys.stderr)
+        meta = json.load(urllib.request.urlopen(url + "/api/meta", timeout=10))
+        assert meta["live"], meta.get("live_error")
+        res["live_text"] = wrk(url, "/api/live", 0, args.connections, min(args.duration, 20),
+                               body=json.dumps({"text": LIVE_TEXT}), timeout=30)
+        res["live_text"]["text_characters"] = len(LIVE_TEXT)
     finally:
         server.terminate()
         server.wait(10)
     (HERE / "viewer_load.json").write_text(json.dumps(res, indent=2) + "\n")
-    fp, fl = res["feature_pages"], res["feature_list"]
+    fp, fl, lt = res["feature_pages"], res["feature_list"], res["live_text"]
     md = f"""# Viewer under load
 
 `python benchmarks/viewer_load.py` on {res["machine"]}: `saelab serve` (one uvicorn worker) and
@@ -164,6 +180,13 @@ Atlas: {n:,} features ({res["atlas_mib"]:,.0f} MiB).
 | `GET /api/features?sort=density` (50 rows) | {fl["duration_s"]:.0f} s | {fl["requests_per_s"]:,.0f} | \
 {fl["p50_ms"]:.1f} ms | {fl["p95_ms"]:.1f} ms | {fl["p99_ms"]:.1f} ms | {fl["max_ms"]:.0f} ms | \
 {fl["errors"]} / {fl["non_2xx"]} |
+| `POST /api/live` ({lt["text_characters"]} characters) | {lt["duration_s"]:.0f} s | \
+{lt["requests_per_s"]:,.1f} | {lt["p50_ms"]:.0f} ms | **{lt["p95_ms"]:.0f} ms** | {lt["p99_ms"]:.0f} ms | \
+{lt["max_ms"]:.0f} ms | {lt["errors"]} / {lt["non_2xx"]} |
+
+The live text box runs SmolLM2-135M and the SAE on each request, one at a time (the others
+wait, up to 10 s, then get 503): with {args.connections} clients its latency is the queue's, about
+{args.connections} / requests-per-second.
 """
     if "build" in res:
         b = res["build"]

@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
             f"the SAE in {args.out} did not learn: FVU {m.fvu:.4g} on its own training rows, where "
             f"predicting their mean gives 1 (more than {MAX_FVU} is refused as a result). Its weights are "
             f"kept for inspection; check the activations (d_in = {source.d_in}, their scale) and the "
-            "settings (--lr, the sparsity, --n-latents)")
+            f"settings (--lr, the sparsity, --n-latents; {cfg.steps():,} steps may be too few: --tokens)")
     print(f"saved {args.out}/cfg.json and sae_weights.safetensors")
     return 0
 
