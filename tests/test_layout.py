@@ -13,6 +13,7 @@ SRC = Path(saelab.__file__).parent
 STAGE = {
     # the shared ground: errors, files, configs' primitives, reuse markers, devices, process groups
     "errors": 0, "io": 0, "config_base": 0, "device": 0, "parallel": 0, "config": 0, "stage": 0,
+    "outputs": 0,
     "data": 1, "lm": 2, "models": 2, "activations": 3, "sae": 4, "train": 5, "eval": 6,
     "analyse": 7, "steer": 8, "view": 9,
     # what runs the pipeline: free to import any stage

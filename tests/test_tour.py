@@ -32,11 +32,12 @@ BIN = Path(sys.executable).parent
 
 # Flags appended to each command, by its first words.
 BUDGETS = {
-    ("saelab", "toy"): ["--tokens", "20000", "--train-rows", "20000", "--eval-rows", "2000"],
-    ("saelab", "harvest"): ["--tokens", "24000"],
+    ("saelab", "toy"): ["--tokens", "20000", "--train-rows", "20000", "--eval-rows", "2000",
+                        "--ratios", "1", "--ks", "5", "--l1-coefficients", "2"],
+    ("saelab", "harvest"): ["--tokens", "12000"],
     ("saelab", "train"): ["--tokens", "32768", "--batch-size", "1024", "--expansion-factor", "2"],
     ("saelab", "eval"): [],  # an --acts eval reads the whole (small) matrix; a splice: see below
-    ("saelab", "atlas"): ["--tokens", "2048", "--eval-tokens", "512", "--cofire-tokens", "1024"],
+    ("saelab", "atlas"): ["--tokens", "1024", "--eval-tokens", "256", "--cofire-tokens", "1024"],
     ("saelab", "sweep"): ["--grid-n-latents", "1152,2304", "--grid-k", "8,16", "--tokens", "4096",
                           "--batch-size", "1024"],
     ("saelab", "steer"): ["--max-new-tokens", "6"],
@@ -63,7 +64,7 @@ def _budgeted(cmd: list[str]) -> list[str]:
     key = ("torchrun",) if words[0] == "torchrun" else tuple(words[:2])
     extra = [] if words[1:3] == ["atlas", "export-html"] else list(BUDGETS.get(key, []))
     if key == ("saelab", "eval") and "--acts" not in words:
-        extra = ["--tokens", "1024"]
+        extra = ["--tokens", "256"]
     return [str(BIN / words[0]), *words[1:], *extra]
 
 

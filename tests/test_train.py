@@ -200,7 +200,7 @@ def test_resampling_revives_dead_latents(toy) -> None:
 # ------------------------------------------------------------------------- resume
 def _train_cmd(acts: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "saelab", "train", "--acts", str(acts), "--out", str(out),
-            "--arch", "topk", "--n-latents", "128", "--k", "4", "--tokens", "2400000",
+            "--arch", "topk", "--n-latents", "128", "--k", "4", "--tokens", "1200000",
             "--batch-size", "512", "--seed", "7", "--checkpoint-every-steps", "50",
             "--log-every-steps", "10", "--dead-after-tokens", "20000", "--no-progress"]
 
@@ -226,7 +226,7 @@ def test_sigkilled_run_resumes_to_identical_weights(toy, tmp_path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < killed_at < 4687
+    assert 0 < killed_at < 2343
     assert not (tmp_path / "killed" / "cfg.json").exists()
 
     done = subprocess.run(_train_cmd(acts, tmp_path / "killed"), env=env, capture_output=True,
@@ -239,7 +239,7 @@ def test_sigkilled_run_resumes_to_identical_weights(toy, tmp_path) -> None:
     steps = [json.loads(line)["step"]
              for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "the metrics log repeats or skips steps after resume"
-    assert steps[-1] == 4687
+    assert steps[-1] == 2343
 
 
 def test_resume_in_process_matches_uninterrupted(toy, tmp_path) -> None:
