@@ -181,3 +181,34 @@ def test_a_full_or_read_only_disk_while_saving_is_one_line_and_leaves_no_partial
     monkeypatch.setattr(torch, "save", real)
     args = ["train", "--acts", str(data / "acts.npy"), "--out", str(out), "--tokens", "20000", *TRAIN]
     assert main(args) == 0
+
+
+def test_a_full_disk_while_saving_the_atlas_state_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    from helpers import write_corpus
+
+    from saelab.sae.base import create
+    from saelab.sae.config import SAEConfig
+
+    sae = create(SAEConfig(architecture="topk", d_in=128, n_latents=256, k=8,
+                           hook_name="blocks.0.hook_mlp_out", model_name="one-layer"))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    sae.save(tmp_path / "sae")
+    corpus = write_corpus(tmp_path / "corpus", n_docs=12, words=60)
+    out = tmp_path / "one.atlas"
+    args = ["atlas", str(tmp_path / "sae"), "--out", str(out), "--corpus", str(corpus),
+            "--context-length", "64", "--heldout-fraction", "0.5", "--tokens", "512", "--eval-tokens", "0",
+            "--no-progress"]
+    real = torch.save
+
+    def full(obj, f, *a, **kw):
+        if ".partial" in str(f):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "state.pt: No space left on device; free space and re-run" in err, err
+    assert not out.exists() and not list(tmp_path.rglob(".state.pt.*"))
+    monkeypatch.setattr(torch, "save", real)
+    assert main(args) == 0 and out.is_file()
