@@ -38,13 +38,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.filename is None:  # a failed write() names no file: name the one being written
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
     return path
 

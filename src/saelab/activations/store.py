@@ -198,11 +198,12 @@ class _Chunk:
 
 
 class ActivationStore:
-    """Reads a store; implements :class:`~saelab.activations.source.ActivationSource`."""
+    """Reads a store; implements :class:`~saelab.activations.source.ActivationSource`. A store whose
+    harvest stopped early is refused unless ``allow_incomplete``."""
 
     def __init__(self, path: str | Path, buffer_rows: int = DEFAULT_BUFFER_ROWS,
                  chunk_rows: int = CHUNK_ROWS, verify: bool = True, prefetch: bool = True,
-                 allow_incomplete: bool = True) -> None:
+                 allow_incomplete: bool = False) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if not allow_incomplete and not self.complete:
