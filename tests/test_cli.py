@@ -169,4 +169,5 @@ def test_eval_width_mismatch(acts, tmp_path) -> None:
     wide = tmp_path / "wide.npy"
     np.save(wide, np.zeros((10, 17), dtype=np.float32))
     assert_one_line_error(run_cli("eval", str(out), "--acts", str(wide)), "width 17", "d_in = 16")
-    assert_one_line_error(run_cli("eval", str(tmp_path), "--acts", str(acts)), "no cfg.json")
+    assert_one_line_error(run_cli("eval", str(tmp_path), "--acts", str(acts)),
+                          "is not an SAE folder", "pass one of them (sae)")

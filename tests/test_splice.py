@@ -27,24 +27,30 @@ def test_perfect_and_zero_reconstructions_in_smollm(smollm, text):
     assert perfect.tokens >= 300
     assert perfect.fvu < 1e-10
     assert perfect.ce_recovered == pytest.approx(1.0, abs=1e-4)
+    assert perfect.ce_recovered_sae_positions == pytest.approx(1.0, abs=1e-4)
     assert perfect.ce_recovered_mean == pytest.approx(1.0, abs=1e-4)
     assert perfect.kl == pytest.approx(0.0, abs=1e-6)
-    assert perfect.ce_zero > perfect.ce_mean > perfect.ce_clean  # ablations hurt, zero the most
+    assert perfect.ce_zero_sae_positions > perfect.ce_mean > perfect.ce_clean  # ablations hurt, zero most
     assert 0.5 < perfect.ce_clean < 8
     zero = splice_eval(identity_sae(576, HOOK, zero=True), smollm, text, tokens=300, progress=False)
     assert zero.fvu > 1  # x̂ = 0: FVU = E‖x‖² / Var(x) ≥ 1
-    assert zero.ce_recovered == pytest.approx(0.0, abs=1e-6)
-    assert zero.ce_spliced == pytest.approx(zero.ce_zero, abs=1e-9)
+    # saelab 0.5's convention: the zero ablation is exactly what a zero SAE splices in
+    assert zero.ce_recovered_sae_positions == pytest.approx(0.0, abs=1e-6)
+    assert zero.ce_spliced == pytest.approx(zero.ce_zero_sae_positions, abs=1e-9)
     assert zero.kl > 0.1
-    # SAELens/SAEBench's convention: the zero ablation takes every position, BOS included; with
+    # The default, SAELens/SAEBench's: the zero ablation takes every position, BOS included; with
     # nothing left in the residual stream the model predicts uniformly, CE = ln(vocab)
-    assert perfect.ce_recovered_saelens == pytest.approx(1.0, abs=1e-4)
-    assert zero.ce_zero_every_position == pytest.approx(perfect.ce_zero_every_position, abs=1e-9)
-    assert zero.ce_zero_every_position == pytest.approx(math.log(49152), abs=1e-3)
-    expected = (zero.ce_zero_every_position - zero.ce_spliced) / (zero.ce_zero_every_position - zero.ce_clean)
-    assert zero.ce_recovered_saelens == pytest.approx(expected, abs=1e-12)
+    assert zero.ce_zero == pytest.approx(perfect.ce_zero, abs=1e-9)
+    assert zero.ce_zero == pytest.approx(math.log(49152), abs=1e-3)
+    expected = (zero.ce_zero - zero.ce_spliced) / (zero.ce_zero - zero.ce_clean)
+    assert zero.ce_recovered == pytest.approx(expected, abs=1e-12)
+    # A zero SAE leaves BOS alone, and BOS alone makes the model confidently wrong: worse than the
+    # uniform prediction, so under this convention a zero SAE scores below 0 (here about -1.1)
+    assert zero.ce_spliced > zero.ce_zero and zero.ce_recovered < -0.5
     d = zero.as_dict()
-    assert set(d["ce_recovered_conventions"]) == {"ce_recovered", "ce_recovered_saelens"}
+    assert set(d["ce_recovered_conventions"]) == {"ce_recovered", "ce_recovered_sae_positions",
+                                                  "ce_recovered_mean"}
+    assert "SAELens" in d["ce_recovered_conventions"]["ce_recovered"]
 
 
 def test_encoder_reports_embedding_cosine(minilm, text):

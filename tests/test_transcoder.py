@@ -151,7 +151,7 @@ def test_harvested_pairs_train_a_transcoder_that_splices_in_place_of_the_mlp(smo
     r = splice_eval(tc, smollm, text, tokens=1024, progress=False)
     assert r.hook_name == hooks[0]
     assert r.fvu < 0.6, r.fvu  # of the MLP output
-    assert r.ce_clean < r.ce_spliced < r.ce_zero
+    assert r.ce_clean < r.ce_spliced < r.ce_zero_sae_positions
     assert r.ce_recovered > 0.5, r.ce_recovered
     # steering a transcoder feature moves the MLP output by exactly what the feature writes
     from saelab.activations.hooks import replaced, run_hooked
@@ -188,8 +188,8 @@ def test_harvested_pairs_train_a_transcoder_that_splices_in_place_of_the_mlp(smo
         for p in zero.parameters():
             p.zero_()
     rz = splice_eval(zero, smollm, text, tokens=1024, progress=False)
-    assert rz.ce_spliced == pytest.approx(rz.ce_zero, abs=1e-9)
-    assert rz.ce_recovered == pytest.approx(0, abs=1e-9)
+    assert rz.ce_spliced == pytest.approx(rz.ce_zero_sae_positions, abs=1e-9)
+    assert rz.ce_recovered_sae_positions == pytest.approx(0, abs=1e-9)
     # eval --acts on the pairs, and its one-line error without the targets
     proc = run_cli("eval", str(out), "--acts", str(tmp_path / "store" / hooks[0]), "--target-acts",
                    str(tmp_path / "store" / hooks[1]), "--json")

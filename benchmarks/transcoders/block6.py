@@ -67,16 +67,21 @@ def main() -> None:
         r = splice_eval(coder, lm, text, tokens=args.eval_tokens, hook=coder.cfg.hook_name, progress=False)
         rows.append({"coder": name, "folder": folder, "fvu_mlp_out": r.fvu, "l0": r.l0,
                      "dead_fraction": r.dead_fraction, "ce_clean": r.ce_clean, "ce_spliced": r.ce_spliced,
-                     "ce_zero": r.ce_zero, "ce_mean": r.ce_mean, "ce_recovered": r.ce_recovered,
+                     "ce_zero": r.ce_zero, "ce_zero_sae_positions": r.ce_zero_sae_positions,
+                     "ce_mean": r.ce_mean, "ce_recovered": r.ce_recovered,
+                     "ce_recovered_sae_positions": r.ce_recovered_sae_positions,
                      "ce_recovered_mean": r.ce_recovered_mean, "tokens": r.tokens, "train_s": train_s,
                      "eval_s": time.perf_counter() - t})
         print(json.dumps(rows[-1]), flush=True)
     table = ["| coder (4,608 latents, k 32) | FVU of the MLP output | L0 | dead | CE spliced | "
-             "CE loss recovered (zero / mean abl.) | train |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "CE loss recovered (zero every position / zero the MLP's positions / mean) | train |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['coder']} | {r['fvu_mlp_out']:.3f} | {r['l0']:.1f} | "
                      f"{100 * r['dead_fraction']:.1f}% | {r['ce_spliced']:.3f} | "
-                     f"{r['ce_recovered']:.3f} / {r['ce_recovered_mean']:.3f} | {r['train_s']:.0f} s |")
+                     f"{r['ce_recovered']:.3f} / {r['ce_recovered_sae_positions']:.3f} / "
+                     f"{r['ce_recovered_mean']:.3f} | "
+                     f"{r['train_s']:.0f} s |")
     r0 = rows[0]
     text_md = "\n".join([
         "# SmolLM2-135M block 6: SAE on the MLP output vs transcoder vs skip-transcoder", "",
@@ -84,9 +89,12 @@ def main() -> None:
         f"{args.tokens:,} training rows of {CORPUS} harvested in one pass for both hooks (this run: "
         f"{harvest_s:.0f} s; a store already there is reused), each coder trained on them with the same "
         "settings, then spliced in place of "
-        f"the MLP output on {r0['tokens']:,} held-out tokens (CE clean {r0['ce_clean']:.3f}, MLP output "
-        f"zero-ablated {r0['ce_zero']:.3f}, mean-ablated {r0['ce_mean']:.3f}). CE loss recovered here is "
-        "saelab's convention (every content position spliced, BOS excluded).", "", *table, ""])
+        f"the MLP output on {r0['tokens']:,} held-out tokens (CE clean {r0['ce_clean']:.3f}; MLP output "
+        f"zero-ablated at every position {r0['ce_zero']:.3f}, at the coder's positions "
+        f"{r0['ce_zero_sae_positions']:.3f}; mean-ablated {r0['ce_mean']:.3f}). The first CE loss recovered "
+        "is SAELens/SAEBench's convention (the zero ablation takes every position, BOS included), the "
+        "second saelab 0.5's (it takes the positions the coder reads: BOS excluded); the reconstruction "
+        "replaces those positions in both.", "", *table, ""])
     (HERE / "results.md").write_text(text_md)
     (HERE / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(text_md)

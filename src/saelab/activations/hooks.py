@@ -9,7 +9,7 @@
 ``blocks.{i}.mlp.hook_post``    MLP hidden activations after the nonlinearity (for gated
                                 MLPs act(gate) * up, the input of the down projection)
 
-Each name maps onto a module of the Llama, GPT-2, GPT-NeoX or BERT module tree and to
+Each name maps onto a module of the Gemma, Llama, GPT-2, GPT-NeoX or BERT module tree and to
 either that module's input or its output. :func:`run_hooked` runs a forward pass that
 captures any set of hook points, optionally replaces some of them, and stops as soon as
 every captured point has been seen when the rest of the model is not needed.
@@ -42,10 +42,19 @@ class Family:
     # kind -> (submodule path inside the block ('' = the block), "in" or "out")
     points: dict[str, tuple[str, str]]
     final_norm: tuple[str, ...] = ()  # candidate paths to the norm before the unembedding
+    norm_offset: float = 0.0  # the norms scale by offset + weight (Gemma's RMSNorm: 1 + weight)
 
 
 _RESID = {"hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
 FAMILIES = (
+    # Gemma 2/3 norm the attention and MLP outputs before adding them to the residual stream: the
+    # hook points are those norms' outputs, so that resid_post = resid_pre + attn_out + mlp_out. Its
+    # embedding scale (sqrt(d_model)) is inside the embedding module, so inside block 0's resid_pre.
+    # Listed before Llama, whose module names it shares.
+    Family("gemma", ("model.layers", "layers"), {
+        **_RESID, "hook_attn_out": ("post_attention_layernorm", "out"), "ln2.hook_normalized": ("mlp", "in"),
+        "hook_mlp_out": ("post_feedforward_layernorm", "out"), "mlp.hook_post": ("mlp.down_proj", "in")},
+        ("model.norm", "norm"), norm_offset=1.0),
     Family("llama", ("model.layers", "layers"), {
         **_RESID, "hook_attn_out": ("self_attn.o_proj", "out"), "ln2.hook_normalized": ("mlp", "in"),
         "hook_mlp_out": ("mlp", "out"), "mlp.hook_post": ("mlp.down_proj", "in")}, ("model.norm", "norm")),
@@ -86,7 +95,7 @@ def _blocks(model: nn.Module) -> tuple[Family, nn.ModuleList]:
                 return fam, blocks
     raise InputError(
         f"{type(model).__name__}: no hook points known for this architecture (saelab knows the "
-        f"Llama, GPT-2, GPT-NeoX and BERT module trees)"
+        f"Gemma, Llama, GPT-2, GPT-NeoX and BERT module trees)"
     )
 
 
@@ -104,7 +113,7 @@ def unembedding(model: nn.Module) -> tuple[Tensor, Tensor | None] | None:
         except AttributeError:
             continue
         w = getattr(norm, "weight", None)
-        return head.weight.detach(), None if w is None else w.detach()
+        return head.weight.detach(), None if w is None else w.detach() + fam.norm_offset
     return head.weight.detach(), None
 
 

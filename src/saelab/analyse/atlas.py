@@ -60,7 +60,8 @@ from saelab.errors import InputError
 from saelab.eval.splice import splice_eval
 from saelab.io import atomic_torch_save
 from saelab.models import LoadedModel, open_model
-from saelab.sae.base import SAE, WEIGHTS_FILENAME, check_sae_fits
+from saelab.sae.base import SAE, check_sae_fits
+from saelab.sae.foreign import weights_file
 
 HIST_LOG10 = (-3.0, 3.0, 48)  # activation histogram: 48 log-spaced bins from 1e-3 to 1e3
 DENSITY_LOG10 = (-7.0, 0.0, 28)  # global histogram of log10 feature density
@@ -234,7 +235,7 @@ def atlas_settings(sae_dir: Path, model: str, hook: str, cfg: AtlasConfig,
                    metrics: dict[str, Any] | None = None, pass_only: bool = False) -> stage.Settings:
     """The settings that decide the atlas of the SAE in ``sae_dir`` (``pass_only``: those
     that decide its streaming pass, which a resumed build must share)."""
-    values = {"sae": stage.file_identity(sae_dir / WEIGHTS_FILENAME), "model": model, "hook": hook,
+    values = {"sae": stage.file_identity(weights_file(sae_dir)), "model": model, "hook": hook,
               **cfg.model_dump(exclude={"model", "hook"})}
     if pass_only:
         return stage.Settings.of("atlas pass", values, free=_PASS_FREE)

@@ -1,16 +1,18 @@
 """Measure an SAE inside its model: splice the reconstruction in at its hook point.
 
 On held-out windows the model runs clean; with the SAE's reconstruction in place of the
-activations at the hook ("spliced"); with them set to zero; and with them set to their mean
-over the evaluation tokens. Only the positions the SAE was trained on are replaced
-(BOS/CLS/SEP and padding are left alone, as in harvest). A causal LM runs once more with
-every position zeroed, BOS included, for the convention SAELens and SAEBench report.
+activations at the hook ("spliced") on the positions the SAE was trained on (BOS/CLS/SEP and
+padding are left alone, as in harvest, and as SAELens leaves special tokens); with every
+position zeroed, BOS included (the zero ablation of SAELens's ``get_recons_loss`` and SAEBench);
+with only the SAE's positions zeroed; and with them set to their mean over the evaluation tokens.
 
 For a causal LM the report is next-token cross-entropy under each condition, the CE loss
-recovered (CE_zero − CE_spliced) / (CE_zero − CE_clean) under both conventions
-(``ce_recovered``: saelab's, zero ablation on the SAE's positions; ``ce_recovered_saelens``:
-zero ablation on every position; both named in ``ce_recovered_conventions``), its mean-ablation variant,
-ΔCE = CE_spliced − CE_clean and KL(clean ‖ spliced). For an encoder without an LM head it
+recovered (CE_zero − CE_spliced) / (CE_zero − CE_clean) under both conventions:
+``ce_recovered`` (the default, comparable with SAELens and SAEBench tables: zero ablation on
+every position, ``ce_zero``) and ``ce_recovered_sae_positions`` (saelab 0.5's: zero ablation
+on the SAE's positions, ``ce_zero_sae_positions``), each described in the JSON's
+``ce_recovered_conventions``; the mean-ablation variant, ΔCE = CE_spliced − CE_clean and
+KL(clean ‖ spliced). For an encoder without an LM head it
 is the cosine similarity of mean-pooled embeddings to the clean ones. Either way FVU, L0,
 dead and dense fractions of the SAE on the same tokens come with it.
 """
@@ -37,17 +39,21 @@ from saelab.errors import InputError
 from saelab.eval.metrics import ReconstructionAccumulator
 from saelab.io import atomic_write_json
 from saelab.models import LoadedModel
-from saelab.sae.base import SAE, WEIGHTS_FILENAME, check_sae_fits
+from saelab.sae.base import SAE, check_sae_fits
+from saelab.sae.foreign import weights_file
 
-CONDITIONS = ("spliced", "zero", "mean")
+CONDITIONS = ("spliced", "zero", "mean")  # on the SAE's positions
 # SAELens's get_recons_loss and SAEBench zero-ablate every position, BOS included (a causal LM only).
 ZERO_EVERY_POSITION = "zero_every_position"
 CONVENTIONS = {
-    "ce_recovered": "saelab: the SAE's reconstruction and the zero ablation both replace the "
-                    "positions the SAE reads (BOS, EOS and padding untouched)",
-    "ce_recovered_saelens": "SAELens/SAEBench: the reconstruction replaces all but special tokens; "
-                            "the zero ablation replaces every position, BOS included",
+    "ce_recovered": "SAELens/SAEBench (the default): the reconstruction replaces all but special "
+                    "tokens; the zero ablation (ce_zero) replaces every position, BOS included",
+    "ce_recovered_sae_positions": "saelab 0.5: the reconstruction and the zero ablation "
+                                  "(ce_zero_sae_positions) both replace the positions the SAE reads "
+                                  "(BOS, EOS and padding untouched)",
+    "ce_recovered_mean": "mean ablation (ce_mean) on the positions the SAE reads",
 }
+CONVENTION_VERSION = 2  # ce_recovered's meaning: 2 = SAELens's (figures saved under 1 are measured again)
 
 
 @dataclass
@@ -62,12 +68,12 @@ class SpliceResult:
     # causal LMs
     ce_clean: float | None = None
     ce_spliced: float | None = None
-    ce_zero: float | None = None
+    ce_zero: float | None = None  # every position zeroed, BOS included (SAELens, SAEBench)
+    ce_zero_sae_positions: float | None = None
     ce_mean: float | None = None
-    ce_recovered: float | None = None
+    ce_recovered: float | None = None  # SAELens/SAEBench convention
+    ce_recovered_sae_positions: float | None = None  # saelab 0.5's
     ce_recovered_mean: float | None = None
-    ce_zero_every_position: float | None = None
-    ce_recovered_saelens: float | None = None
     delta_ce: float | None = None
     kl: float | None = None
     # encoders
@@ -77,7 +83,7 @@ class SpliceResult:
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None}
-        if self.ce_recovered_saelens is not None:
+        if self.ce_recovered is not None:
             out["ce_recovered_conventions"] = CONVENTIONS
         return out
 
@@ -129,12 +135,11 @@ class _CausalTotals:
 
     def result(self) -> dict[str, float]:
         ce = {k: v / max(self.tokens, 1) for k, v in self.ce.items()}
-        return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
-                "ce_mean": ce["mean"],
-                "ce_recovered": recovered(ce["clean"], ce["spliced"], ce["zero"]),
+        return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce[ZERO_EVERY_POSITION],
+                "ce_zero_sae_positions": ce["zero"], "ce_mean": ce["mean"],
+                "ce_recovered": recovered(ce["clean"], ce["spliced"], ce[ZERO_EVERY_POSITION]),
+                "ce_recovered_sae_positions": recovered(ce["clean"], ce["spliced"], ce["zero"]),
                 "ce_recovered_mean": recovered(ce["clean"], ce["spliced"], ce["mean"]),
-                "ce_zero_every_position": ce[ZERO_EVERY_POSITION],
-                "ce_recovered_saelens": recovered(ce["clean"], ce["spliced"], ce[ZERO_EVERY_POSITION]),
                 "delta_ce": ce["spliced"] - ce["clean"], "kl": self.kl / max(self.tokens, 1)}
 
 
@@ -215,8 +220,8 @@ def splice_eval(sae: SAE, lm: LoadedModel, text: TextConfig, tokens: int = 4096,
 def splice_settings(sae_dir: Path, text: TextConfig, tokens: int, hook: str | None) -> stage.Settings:
     """The settings that decide a splice evaluation of the SAE in ``sae_dir``."""
     return stage.Settings.of("splice evaluation", {
-        "sae": stage.file_identity(Path(sae_dir) / WEIGHTS_FILENAME), "tokens": tokens, "hook": hook,
-        **text.model_dump()}, free=("device", "batch_size"))
+        "sae": stage.file_identity(weights_file(Path(sae_dir))), "tokens": tokens, "hook": hook,
+        "convention": CONVENTION_VERSION, **text.model_dump()}, free=("device", "batch_size"))
 
 
 def saved_splice_eval(sae_dir: str | Path, out: str | Path, model: Callable[[], LoadedModel],

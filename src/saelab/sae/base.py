@@ -398,11 +398,16 @@ class SAE(nn.Module):
 
     @staticmethod
     def load(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load an SAE folder written by saelab or by SAELens."""
+        """Load an SAE folder written by saelab, SAELens, sparsify or dictionary_learning."""
+        from saelab.sae import foreign
+
         path = Path(path)
         cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+        kind = foreign.detect(path)
+        if kind not in (None, "saelab"):
+            return foreign.load_foreign(path, kind).to(device)
         if not cfg_path.is_file():
-            raise InputError(f"{path} is not an SAE folder: no {CFG_FILENAME} in it")
+            raise InputError(foreign.describe_missing(path))
         if not weights_path.is_file():
             raise InputError(f"{path} has {CFG_FILENAME} but no {WEIGHTS_FILENAME}")
         try:

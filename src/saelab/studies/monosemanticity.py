@@ -540,8 +540,8 @@ def results_table(rows: list[dict[str, Any]], cfg: MonosemanticityConfig, train_
         f"dead and dense on {cfg.heldout_rows:,} held-out rows; CE loss recovered on {cfg.eval_tokens:,} "
         "held-out tokens).",
         "",
-        "| dictionary | latents | FVU | L0 | dead | dense | CE recovered (zero) | CE recovered (mean) "
-        "| ΔCE |",
+        "| dictionary | latents | FVU | L0 | dead | dense | CE recovered (zero, every position) "
+        "| CE recovered (mean) | ΔCE |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -564,7 +564,7 @@ def plot_sizes(rows: list[dict[str, Any]], path: Path) -> None:
         ("l0", "L0"),
         ("dead_pct", "dead latents (%)"),
         ("dense_pct", "dense latents (%)"),
-        ("ce_recovered_zero", "CE recovered (zero abl.)"),
+        ("ce_recovered_zero", "CE recovered (zero abl., every position)"),
         ("ce_recovered_mean", "CE recovered (mean abl.)"),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.4))
