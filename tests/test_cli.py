@@ -70,13 +70,14 @@ def test_each_commands_options_come_from_its_config() -> None:
     import argparse
 
     from saelab.cli import build_parser
-    from saelab.config import EvalConfig, ServeConfig, SplitConfig, SteerConfig
+    from saelab.config import BenchConfig, EvalConfig, ServeConfig, SplitConfig, SteerConfig
     from saelab.flags import from_args
     from saelab.studies.superposition import ToySweepConfig
 
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     commands = {"eval": (EvalConfig, ["SAE"]), "serve": (ServeConfig, ["A.atlas"]),
+                "bench": (BenchConfig, ["SAE", "--out", "o"]),
                 "steer": (SteerConfig, ["--sae", "s", "--feature", "1", "--ablate", "--prompt", "Hi"]),
                 "split": (SplitConfig, ["small", "large"]), "toy": (ToySweepConfig, [])}
     for cmd, (cfg, needed) in commands.items():

@@ -20,7 +20,7 @@ from saelab.sae.base import SAE
 ROOT = Path(__file__).parents[1]
 SIDES = ROOT / "tests" / "interop"
 VENVS = {"sparsify": ".venv-sparsify", "dictlearn": ".venv-dictlearn"}
-D, N, K = 16, 64, 4
+D, N, K = 128, 256, 8  # d_model of the one-layer model, so the folders also run in it
 pytestmark = pytest.mark.slow
 DICT_CLASSES = {"AutoEncoder": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
                 "MatryoshkaBatchTopKSAE": "matryoshka", "JumpReluAutoEncoder": "jumprelu",
@@ -50,53 +50,70 @@ def _same(sae: SAE, x: torch.Tensor, z: torch.Tensor, recon: torch.Tensor, what:
     assert (ours - recon).abs().max() < 1e-4, what
 
 
-def test_sparsify_folders_load_with_sparsify_outputs(tmp_path) -> None:
-    x = torch.randn(256, D, generator=torch.Generator().manual_seed(0))
-    out = side("sparsify", tmp_path / "run", x, str(D), str(N), str(K), "1", "tiny-llama", "layers")
-    expect = {"layers.0": ("topk", "blocks.0.hook_resid_post", None),
-              "layers.0.mlp": ("transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"),
-              "layers.0.self_attn": ("topk", "blocks.0.hook_attn_out", None)}
+X = torch.randn(256, D, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def sparsify_run(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A sparsify run on the one-layer model (GPT-2 module names: h.0, h.0.mlp, h.0.attn), saved
+    and run by sparsify itself."""
+    root = tmp_path_factory.mktemp("sparsify")
+    return root / "run", side("sparsify", root / "run", X, str(D), str(N), str(K), "1", "one-layer", "h")
+
+
+@pytest.fixture(scope="module")
+def dictlearn_root(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    root = tmp_path_factory.mktemp("dictlearn")
+    return root / "dl", side("dictlearn", root / "dl", X, str(D), str(N), str(K), "2", "one-layer")
+
+
+def test_sparsify_folders_load_with_sparsify_outputs(sparsify_run) -> None:
+    run, out = sparsify_run
+    expect = {"h.0": ("topk", "blocks.0.hook_resid_post", None),
+              "h.0.mlp": ("transcoder", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"),
+              "h.0.attn": ("topk", "blocks.0.hook_attn_out", None)}
     for name, (arch, hook, hook_out) in expect.items():
-        sae = SAE.load(tmp_path / "run" / name)
+        sae = SAE.load(run / name)
         assert (sae.architecture, sae.cfg.hook_name, sae.cfg.hook_name_out) == (arch, hook, hook_out)
-        assert (sae.cfg.model_name, sae.cfg.k, sae.n_latents) == ("tiny-llama", K, N)
-        _same(sae, x, out[f"{name}.z"], out[f"{name}.recon"], name)
-    assert SAE.load(tmp_path / "run" / "layers.0.mlp").has_skip  # the skip connection is kept
+        assert (sae.cfg.model_name, sae.cfg.k, sae.n_latents) == ("one-layer", K, N)
+        _same(sae, X, out[f"{name}.z"], out[f"{name}.recon"], name)
+    assert SAE.load(run / "h.0.mlp").has_skip  # the skip connection is kept
 
 
-def test_sparsify_settings_saelab_cannot_reproduce_are_refused(tmp_path) -> None:
-    x = torch.randn(8, D)
-    side("sparsify", tmp_path / "run", x, str(D), str(N), str(K), "1", "tiny-llama", "layers")
-    run = tmp_path / "run"
-    with pytest.raises(Exception, match=r"pass one of them \(layers\.0, layers\.0\.mlp"):
+def test_sparsify_settings_saelab_cannot_reproduce_are_refused(sparsify_run, tmp_path) -> None:
+    import shutil
+
+    run = sparsify_run[0]
+    with pytest.raises(Exception, match=r"pass one of them \(h\.0, h\.0\.attn, h\.0\.mlp\)"):
         SAE.load(run)
-    cfg = json.loads((run / "layers.0" / "cfg.json").read_text())
+    folder = tmp_path / "h.0"
+    shutil.copytree(run / "h.0", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
     for change, needle in (({"activation": "groupmax"}, "activation = 'groupmax'"),
                            ({"skip_connection": True}, "skip_connection = true without transcode")):
-        (run / "layers.0" / "cfg.json").write_text(json.dumps({**cfg, **change}))
-        assert_one_line_error(run_cli("eval", str(run / "layers.0"), "--acts", str(tmp_path / "x.npy")),
-                              needle)
+        (folder / "cfg.json").write_text(json.dumps({**cfg, **change}))
+        assert_one_line_error(run_cli("eval", str(folder), "--acts", str(tmp_path / "x.npy")), needle)
 
 
-def test_dictionary_learning_folders_load_with_its_outputs(tmp_path) -> None:
-    x = torch.randn(256, D, generator=torch.Generator().manual_seed(0))
-    out = side("dictlearn", tmp_path / "dl", x, str(D), str(N), str(K), "2", "tiny-llama")
+def test_dictionary_learning_folders_load_with_its_outputs(dictlearn_root, tmp_path) -> None:
+    import shutil
+
+    root, out = dictlearn_root
     for cls, arch in DICT_CLASSES.items():
-        sae = SAE.load(tmp_path / "dl" / cls)
+        sae = SAE.load(root / cls)
         assert sae.architecture == arch, cls
-        assert (sae.cfg.hook_name, sae.cfg.model_name) == ("blocks.0.hook_resid_post", "tiny-llama")
-        _same(sae, x, out[f"{cls}.z"], out[f"{cls}.recon"], cls)
-    # Saved by saelab, it stays the same SAE (and so loads in SAELens, tests/test_saelens.py).
-    for cls in DICT_CLASSES:
-        sae = SAE.load(tmp_path / "dl" / cls)
+        assert (sae.cfg.hook_name, sae.cfg.model_name) == ("blocks.0.hook_resid_post", "one-layer")
+        _same(sae, X, out[f"{cls}.z"], out[f"{cls}.recon"], cls)
+        # Saved by saelab, it stays the same SAE (and so loads in SAELens, tests/test_saelens.py).
         sae.save(tmp_path / "again" / cls)
-        _same(SAE.load(tmp_path / "again" / cls), x, out[f"{cls}.z"], out[f"{cls}.recon"], cls)
-    (tmp_path / "dl" / "AutoEncoderTopK" / "config.json").unlink()
+        _same(SAE.load(tmp_path / "again" / cls), X, out[f"{cls}.z"], out[f"{cls}.recon"], cls)
+    shutil.copy(root / "AutoEncoderTopK" / "ae.pt", tmp_path / "ae.pt")  # without its config.json
     with pytest.raises(Exception, match=r"no config\.json naming its dict_class"):
-        SAE.load(tmp_path / "dl" / "AutoEncoderTopK")
+        SAE.load(tmp_path)
 
 
-def test_foreign_folders_go_through_eval_atlas_and_steer_unchanged(tmp_path) -> None:
+def test_foreign_folders_go_through_eval_atlas_and_steer_unchanged(sparsify_run, dictlearn_root,
+                                                                   tmp_path) -> None:
     """SAEs of both libraries on the one-layer model (d_model 128): saelab eval splices them in,
     steer clamps one of their features, the atlas builds and the viewer shows a feature page."""
     from fastapi.testclient import TestClient
@@ -105,28 +122,24 @@ def test_foreign_folders_go_through_eval_atlas_and_steer_unchanged(tmp_path) -> 
     from saelab.config import AtlasConfig
     from saelab.view.server import create_app
 
-    x = torch.randn(8, 128)
-    side("sparsify", tmp_path / "sp", x, "128", "256", "8", "3", "one-layer", "h")
-    side("dictlearn", tmp_path / "dl", x, "128", "256", "8", "4", "one-layer")
+    run, dl = sparsify_run[0], dictlearn_root[0]
     corpus = write_corpus(tmp_path / "corpus", n_docs=16, words=60)
-    common = ["--corpus", str(corpus), "--tokens", "512", "--context-length", "64",
-              "--heldout-fraction", "0.5"]
-    for folder in (tmp_path / "dl" / "AutoEncoderTopK", tmp_path / "sp" / "h.0"):
-        p = run_cli("eval", str(folder), *common, "--json", "--device", "cpu")
-        assert p.returncode == 0, p.stderr[-2000:]
-        metrics = json.loads(p.stdout)
-        assert metrics["hook_name"] == "blocks.0.hook_resid_post" and metrics["tokens"] >= 400
-        assert metrics["l0"] == pytest.approx(8, abs=1e-6)  # k = 8, as the library saved it
-    p = run_cli("steer", "--sae", str(tmp_path / "sp" / "h.0"), "--feature", "3", "--clamp", "40",
+    p = run_cli("eval", str(dl / "AutoEncoderTopK"), "--corpus", str(corpus), "--tokens", "512",
+                "--context-length", "64", "--heldout-fraction", "0.5", "--json", "--device", "cpu")
+    assert p.returncode == 0, p.stderr[-2000:]
+    metrics = json.loads(p.stdout)
+    assert metrics["hook_name"] == "blocks.0.hook_resid_post" and metrics["tokens"] >= 400
+    assert metrics["l0"] == pytest.approx(K, abs=1e-6)  # k as the library saved it
+    p = run_cli("steer", "--sae", str(run / "h.0"), "--feature", "3", "--clamp", "40",
                 "--prompt", "The cat sat on", "--max-new-tokens", "4", "--device", "cpu")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "steered" in p.stdout.lower()
     cfg = AtlasConfig(corpus=str(corpus), context_length=64, batch_size=4, heldout_fraction=0.5,
                       eval_tokens=128, progress=False)
-    atlas = build_atlas(tmp_path / "dl" / "BatchTopKSAE", cfg, tmp_path / "dl.atlas").path
+    atlas = build_atlas(dl / "BatchTopKSAE", cfg, tmp_path / "dl.atlas").path
     client = TestClient(create_app(atlas, device="cpu"), base_url="http://127.0.0.1")
     listing = client.get("/api/features").json()
-    assert listing["total"] == 256
+    assert listing["total"] == N
     first = listing["items"][0]["id"]
     page = client.get(f"/api/feature/{first}")
     assert page.status_code == 200 and page.json()["id"] == first

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -34,6 +36,38 @@ def test_accumulator_over_batches_equals_whole_set() -> None:
     freq = (z != 0).float().mean(0)
     assert m.dense_fraction == pytest.approx(float((freq > 0.1).float().mean()))
     assert m.rows == 1000
+
+
+def test_core_metrics_known_values() -> None:
+    """cos(x, x̂), ‖x̂‖/‖x‖ and SAEBench's relative reconstruction bias on hand-made cases:
+    x̂ = x/2 is perfectly aligned, half the length and shrunk by 2; a rotated x̂ of the right
+    length is unbiased in length but not in direction."""
+    x = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0], [6.0, 8.0]])
+    z = torch.zeros(4, 200_001)
+    z[:, 0] = 1.0  # fires on every row: density 1
+    z[0, 1] = 1.0  # one row in four: log10 density −0.602
+    m = _measure(x, x / 2, z)
+    assert m.cossim == pytest.approx(1.0) and m.l2_ratio == pytest.approx(0.5)
+    assert m.relative_reconstruction_bias == pytest.approx(0.5)
+    assert m.density_log10_mean == pytest.approx((0 + torch.tensor(0.25).log10().item()) / 2)
+    assert m.dead_fraction == pytest.approx(199_999 / 200_001)
+    rot = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    m = _measure(x, x @ rot, z)  # 90 degrees: orthogonal, same length
+    assert m.cossim == pytest.approx(0.0, abs=1e-12) and m.l2_ratio == pytest.approx(1.0)
+    assert math.isnan(m.relative_reconstruction_bias)  # E[x̂·x] = 0: no rescaling makes it x
+    # ultra-low density: a latent firing once in 200,001 rows (below 1e-5)
+    rows = torch.randn(200_001, 2)
+    zz = torch.zeros(200_001, 3)
+    zz[:, 0], zz[7, 1] = 1.0, 1.0
+    m = _measure(rows, rows, zz)
+    assert m.ultralow_fraction == pytest.approx(1 / 3) and m.dead_fraction == pytest.approx(1 / 3)
+    assert m.relative_reconstruction_bias == pytest.approx(1.0)
+
+
+def _measure(x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor):
+    acc = ReconstructionAccumulator(z.shape[1])
+    acc.add(x, recon, z)
+    return acc.result()
 
 
 def test_mmcs() -> None:

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from saelab import stage
 from saelab.activations.harvest import harvest
 from saelab.activations.source import open_pairs, open_source
 from saelab.config import HarvestConfig, TextConfig
@@ -61,7 +62,9 @@ def main() -> None:
                                              strict=True):
         t = time.perf_counter()
         Trainer(source, cfg, args.runs / folder).run()
-        train_s = time.perf_counter() - t
+        # the training run's own time (a finished run is reused, not trained again)
+        marker = stage.read_marker(args.runs / folder) or {}
+        train_s = float(marker.get("seconds") or time.perf_counter() - t)
         coder = SAE.load(args.runs / folder)
         t = time.perf_counter()
         r = splice_eval(coder, lm, text, tokens=args.eval_tokens, hook=coder.cfg.hook_name, progress=False)

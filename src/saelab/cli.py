@@ -142,6 +142,18 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {k:<{width}}  {v:>10}")
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from saelab.config import BenchConfig
+    from saelab.eval.bench import bench
+    from saelab.flags import from_args
+
+    cfg = from_args(BenchConfig, args)
+    cards = bench(list(args.sae_dirs), args.out, cfg)
+    print((args.out / "bench.md").read_text(encoding="utf-8"), end="")
+    print(f"{len(cards)} card(s) in {args.out} (bench.csv, bench.md, bench.png, one JSON per SAE)")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from saelab.config import EvalConfig
     from saelab.errors import InputError
@@ -195,7 +207,12 @@ def _eval_acts(args: argparse.Namespace, cfg: Any, sae: Any) -> int:
             ("FVU", f"{m.fvu:.4f}"), ("explained variance", f"{m.explained_variance:.4f}"),
             ("MSE per row", f"{m.mse:.4g}"), ("L0", f"{m.l0:.2f}"),
             ("dead latents", f"{100 * m.dead_fraction:.2f}%"),
-            ("dense latents (>10%)", f"{100 * m.dense_fraction:.2f}%"), ("rows", f"{m.rows:,}")])
+            ("dense latents (>10%)", f"{100 * m.dense_fraction:.2f}%"),
+            ("cos(x, x̂)", f"{m.cossim:.4f}"), ("‖x̂‖ / ‖x‖", f"{m.l2_ratio:.4f}"),
+            ("relative reconstruction bias", f"{m.relative_reconstruction_bias:.4f}"),
+            ("log10 density, mean / median (live latents)",
+             f"{m.density_log10_mean:.2f} / {m.density_log10_median:.2f}"),
+            ("ultra-low density (<1e-5)", f"{100 * m.ultralow_fraction:.2f}%"), ("rows", f"{m.rows:,}")])
     return 0
 
 
@@ -506,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     from saelab import __version__
     from saelab.config import (
         AtlasConfig,
+        BenchConfig,
         DemoConfig,
         EvalConfig,
         HarvestConfig,
@@ -583,6 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_arguments(p, EvalConfig, group_title="evaluation options")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="the report card of SAEs: every metric, offline",
+                       description="Run the report-card metrics on each SAE folder (saelab, SAELens, "
+                       "sparsify or dictionary_learning): core (the splice evaluation with cos(x, x̂) and "
+                       "relative reconstruction bias) and sparse_probing (k-sparse latent probes on 11 "
+                       "binary tasks against the whole activation). Writes OUT/NAME/METRIC.json, a card "
+                       "OUT/NAME.json per SAE, bench.csv, bench.md and bench.png. A re-run skips the "
+                       "metrics already finished.")
+    p.add_argument("sae_dirs", type=Path, nargs="+", metavar="SAE_DIR", help="SAE folders")
+    p.add_argument("--out", type=Path, required=True, help="folder for the results")
+    add_arguments(p, BenchConfig, group_title="bench options")
+    p.set_defaults(func=_bench, writes="folder")
 
     p = sub.add_parser("harvest", help="run a model over a corpus and store activations",
                        description="Stream a corpus through a model and write the activations at one "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from saelab.config_base import FORMAT_VERSION, Config, DType, build, validation_message
 
@@ -193,6 +193,34 @@ class EvalConfig(_Config):
         given = {"corpus": self.corpus, "context_length": self.context_length, "batch_size": self.windows,
                  "heldout_fraction": self.heldout_fraction, "device": self.device}
         return build(TextConfig, **{k: v for k, v in given.items() if v is not None})
+
+
+class BenchConfig(_Config):
+    """The report card: each metric on each SAE (``saelab bench``)."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["core", "sparse_probing"],
+                               description="Metrics to run, comma-separated: core, sparse_probing.")
+    model: str | None = Field(default=None, description="Model [default: from each SAE's cfg.json].")
+    hook: str | None = Field(default=None, description="Hook point [default: from each SAE's cfg.json].")
+    corpus: str | None = Field(default=None, description="core: corpus whose held-out documents are "
+                               f"spliced into [default: {_text_default('corpus')}].")
+    tokens: int = Field(default=4096, gt=0, description="core: held-out tokens of the splice evaluation.")
+    per_class: int = Field(default=200, ge=10, description="sparse_probing: examples of each label per task.")
+    probe_context: int = Field(default=128, ge=8, description="sparse_probing: tokens per example at most.")
+    code_passages: int = Field(default=200, gt=0, description="sparse_probing: Python passages the token "
+                               "tasks draw from.")
+    device: str = Field(default="auto", description="Device: auto, cpu, cuda[:N].")
+    progress: bool = Field(default=True, description="Show progress bars.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        known = ("core", "sparse_probing")
+        bad = [m for m in value if m not in known]
+        if bad or not value:
+            raise ValueError(f"unknown metric(s) {', '.join(bad) or '(none given)'}; choose from "
+                             f"{', '.join(known)}")
+        return value
 
 
 class ServeConfig(_Config):

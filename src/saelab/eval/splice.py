@@ -65,6 +65,8 @@ class SpliceResult:
     l0: float
     dead_fraction: float
     dense_fraction: float
+    cossim: float | None = None
+    relative_reconstruction_bias: float | None = None
     # causal LMs
     ce_clean: float | None = None
     ce_spliced: float | None = None
@@ -208,7 +210,8 @@ def splice_eval(sae: SAE, lm: LoadedModel, text: TextConfig, tokens: int = 4096,
     bar.close()
     m = acc.result()
     result = SpliceResult(model=lm.name, hook_name=hook, tokens=m.rows, fvu=m.fvu, l0=m.l0,
-                          dead_fraction=m.dead_fraction, dense_fraction=m.dense_fraction)
+                          dead_fraction=m.dead_fraction, dense_fraction=m.dense_fraction, cossim=m.cossim,
+                          relative_reconstruction_bias=m.relative_reconstruction_bias)
     if lm.causal:
         for k, v in causal.result().items():
             setattr(result, k, v)
