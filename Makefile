@@ -96,7 +96,7 @@ gemma: $(STAMP)
 ## The whole test suite (what CI runs).
 test: $(STAMP) $(SAELENS_STAMP) $(SPARSIFY_STAMP) $(DICTLEARN_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 ## Quick local loop: skips tests marked slow.
 test-fast: $(STAMP)

@@ -85,3 +85,20 @@ def test_saelens_folders_load_in_saelab_with_saelens_outputs(tmp_path, arch) -> 
         assert (out["0.z"] - z).abs().max() < 1e-4
         assert (out["0.recon"] - sae.decode(z)).abs().max() < 1e-4
     assert (out["0.z"] > 0).any()  # the comparison saw firing latents
+
+
+def test_a_folder_saelens_wrote_goes_through_saelab_bench(tmp_path) -> None:
+    """A TopK SAE saved by SAELens itself, as reading the one-layer model's residual stream, gets
+    a report card: the splice evaluation and sparse probing run on it unchanged."""
+    from helpers import run_cli, write_corpus
+
+    folder = tmp_path / "saelens-topk"
+    saelens("write", str(folder), "topk", "128", "256", "8", "5", "blocks.0.hook_resid_post", "one-layer")
+    corpus = write_corpus(tmp_path / "corpus", n_docs=16, words=60)
+    p = run_cli("bench", str(folder), "--out", str(tmp_path / "bench"), "--corpus", str(corpus), "--tokens",
+                "256", "--per-class", "20", "--code-passages", "40", "--device", "cpu", "--no-progress")
+    assert p.returncode == 0, p.stderr[-2000:]
+    card = json.loads((tmp_path / "bench" / "saelens-topk.json").read_text())
+    assert card["architecture"] == "topk" and card["model"] == "one-layer"
+    assert card["metrics"]["core"]["l0"] == pytest.approx(8)  # SAELens's k, read from its cfg.json
+    assert 0.5 <= card["metrics"]["sparse_probing"]["mean"]["baseline_accuracy"] <= 1

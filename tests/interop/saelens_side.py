@@ -4,8 +4,9 @@ loader and forward pass, for tests/test_saelens.py. Never imports saelab.
     python saelens_side.py read X.safetensors OUT.safetensors DIR [DIR ...]
         load each SAE folder with sae_lens.SAE.load_from_disk; write its latents and
         reconstruction of X (``<i>.z``, ``<i>.recon``) and print its names as JSON lines
-    python saelens_side.py write DIR ARCH D_IN D_SAE K SEED
-        save a SAELens SAE of ARCH (standard, topk, jumprelu, gated) with random weights
+    python saelens_side.py write DIR ARCH D_IN D_SAE K SEED [HOOK MODEL]
+        save a SAELens SAE of ARCH (standard, topk, jumprelu, gated) with random weights, named
+        as reading HOOK of MODEL (default blocks.1.hook_resid_post of "tiny")
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def read(x_path: str, out_path: str, dirs: list[str]) -> None:
     save_file(out, out_path)
 
 
-def write(folder: str, arch: str, d_in: int, d_sae: int, k: int, seed: int) -> None:
+def write(folder: str, arch: str, d_in: int, d_sae: int, k: int, seed: int,
+          hook: str = "blocks.1.hook_resid_post", model: str = "tiny") -> None:
     import sae_lens as sl
 
     kinds = {"standard": (sl.StandardSAE, sl.StandardSAEConfig, {}),
@@ -43,7 +45,7 @@ def write(folder: str, arch: str, d_in: int, d_sae: int, k: int, seed: int) -> N
              "jumprelu": (sl.JumpReLUSAE, sl.JumpReLUSAEConfig, {}),
              "gated": (sl.GatedSAE, sl.GatedSAEConfig, {})}
     cls, cfg_cls, extra = kinds[arch]
-    meta = sl.saes.sae.SAEMetadata(hook_name="blocks.1.hook_resid_post", model_name="tiny")
+    meta = sl.saes.sae.SAEMetadata(hook_name=hook, model_name=model)
     sae = cls(cfg_cls(d_in=d_in, d_sae=d_sae, metadata=meta, **extra))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -58,4 +60,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "read":
         read(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
-        write(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8]))
+        write(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:8]), *sys.argv[8:10])

@@ -31,21 +31,25 @@ task's chance accuracy is 0.5. A State of the Union file's name carries its year
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import keyword
 import random
 import re
 import tokenize
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from saelab.data.text import Corpus, Document
+from saelab.io import atomic_write_json, cache_dir
 
 WINDOW_TASKS = ("sotu_vs_moby", "sotu_vs_docs", "docs_vs_code", "moby_vs_code", "sotu_era", "sotu_party")
 TOKEN_TASKS = ("py_string", "py_comment", "py_keyword", "py_number", "py_identifier")
 TASKS = WINDOW_TASKS + TOKEN_TASKS
 _SOTU = re.compile(r"(\d{4})_.*_([a-z])\.txt$")
+TASKS_VERSION = 1  # bump when the way tasks are drawn changes: cached draws are then not reused
 
 
 @dataclass
@@ -85,9 +89,33 @@ def _party(doc: Document) -> str:
     return m.group(2) if m else ""
 
 
+def _cached(kind: str, key: dict[str, Any], build: Callable[[], Any]) -> Any:
+    """``build()``'s JSON-able result, kept under the saelab cache by ``key`` (drawing the texts
+    reads every corpus, about 8 s; a draw is fixed by its key, so it is made once)."""
+    digest = hashlib.sha256(json.dumps({"v": TASKS_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "probing" / f"{kind}-{digest}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        value = build()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, value)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+        return value
+
+
 def window_tasks(per_class: int, chars: int = 400, seed: int = 0,
                  names: tuple[str, ...] = WINDOW_TASKS) -> list[WindowTask]:
     """The window tasks named, each with ``per_class`` passages per label."""
+    drawn = _cached("window", {"per_class": per_class, "chars": chars, "seed": seed, "names": list(names)},
+                    lambda: [[t.name, t.positives, t.negatives]
+                             for t in _draw_window_tasks(per_class, chars, seed, names)])
+    return [WindowTask(name, pos, neg) for name, pos, neg in drawn]
+
+
+def _draw_window_tasks(per_class: int, chars: int, seed: int, names: tuple[str, ...]) -> list[WindowTask]:
     def take(spec: str, keep=lambda d: True, salt: int = 0) -> list[str]:
         return passages((d for d in Corpus(spec).documents("all") if keep(d)), chars, per_class, seed + salt)
 
@@ -145,6 +173,11 @@ TOKEN_CATEGORY = {"py_string": "string", "py_comment": "comment", "py_keyword": 
 def code_texts(n: int, chars: int = 400, seed: int = 0) -> list[tuple[str, list[tuple[int, int, str]]]]:
     """Up to ``n`` passages of Python stdlib source, each whole top-level statements (cut before
     a line that starts at column 0) that tokenize reads without error, with their spans."""
+    drawn = _cached("code", {"n": n, "chars": chars, "seed": seed}, lambda: _draw_code_texts(n, chars, seed))
+    return [(text, [(a, b, c) for a, b, c in spans]) for text, spans in drawn]
+
+
+def _draw_code_texts(n: int, chars: int, seed: int) -> list[tuple[str, list[tuple[int, int, str]]]]:
     chunks: list[str] = []
     for doc in Corpus("python-stdlib").documents("all"):
         lines, size = [], 0
