@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,3 +153,21 @@ def clear(out: Path) -> None:
 
 __all__ = ["MARKER", "Settings", "clear", "file_identity", "finished", "flat", "mark_finished",
            "marker_path", "read_marker", "recorded_settings"]
+
+
+def json_result(out: Path, settings: Settings,
+                compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The figures a stage writes as one JSON file ``out``: read back when the stage finished
+    with ``settings`` (and the file is still readable), else ``compute()``d, written and marked.
+    Returns (figures, reused)."""
+    out = Path(out)
+    if finished(out, settings) is not None:
+        try:
+            return json.loads(out.read_text(encoding="utf-8")), True
+        except (OSError, json.JSONDecodeError):
+            pass  # the figures were removed or damaged since: measure again
+    clear(out)
+    figures = compute()
+    atomic_write_json(out, figures)
+    mark_finished(out, settings, {"figures": str(out)})
+    return figures, False

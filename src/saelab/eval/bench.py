@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,12 +55,11 @@ class Card:
     def headline(self) -> dict[str, Any]:
         row: dict[str, Any] = {"sae": self.name}
         for metric, cols in HEADLINES.items():
-            figures = self.metrics.get(metric)
             for key, col in cols:
-                value: Any = figures
-                for part in key.split(".") if figures is not None else []:
+                value: Any = self.metrics.get(metric)
+                for part in key.split("."):
                     value = value.get(part) if isinstance(value, dict) else None
-                row[col] = value if figures is not None else None
+                row[col] = value
         return row
 
 
@@ -135,16 +133,8 @@ def _metric(metric: str, name: str, folder: Path, sae: SAE, model: str, out: Pat
                           code_passages=cfg.code_passages)
     settings = stage.Settings.of("sparse probing", {"sae": stage.file_identity(weights_file(folder)),
                                                     "model": model, "hook": hook, **vars(probe)})
-    if stage.finished(path, settings) is not None:
-        try:
-            return json.loads(path.read_text(encoding="utf-8")), True
-        except (OSError, json.JSONDecodeError):
-            pass
-    stage.clear(path)
-    figures = sparse_probing(sae, models(model), hook, probe, progress=cfg.progress)
-    atomic_write_json(path, figures)
-    stage.mark_finished(path, settings, {"figures": str(path)})
-    return figures, False
+    return stage.json_result(path, settings,
+                             lambda: sparse_probing(sae, models(model), hook, probe, progress=cfg.progress))
 
 
 def _write_tables(cards: list[Card], out: Path) -> None:

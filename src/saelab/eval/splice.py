@@ -19,7 +19,6 @@ dead and dense fractions of the SAE on the same tokens come with it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,6 @@ from saelab.config import TextConfig
 from saelab.data.text import TokenBatch, text_batches
 from saelab.errors import InputError
 from saelab.eval.metrics import ReconstructionAccumulator
-from saelab.io import atomic_write_json
 from saelab.models import LoadedModel
 from saelab.sae.base import SAE, check_sae_fits
 from saelab.sae.foreign import weights_file
@@ -233,16 +231,6 @@ def saved_splice_eval(sae_dir: str | Path, out: str | Path, model: Callable[[], 
     """:func:`splice_eval` of the SAE in ``sae_dir``, its figures written to the JSON file
     ``out``; a second call with the same settings reads them back without loading the
     model (``model`` is only called when the evaluation runs). Returns (figures, reused)."""
-    sae_dir, out = Path(sae_dir), Path(out)
-    settings = splice_settings(sae_dir, text, tokens, hook)
-    if stage.finished(out, settings) is not None:
-        try:
-            return json.loads(out.read_text(encoding="utf-8")), True
-        except (OSError, json.JSONDecodeError):
-            pass  # the figures were removed or damaged since: measure again
-    stage.clear(out)
-    figures = splice_eval(SAE.load(sae_dir), model(), text, tokens=tokens, hook=hook,
-                          progress=progress).as_dict()
-    atomic_write_json(out, figures)
-    stage.mark_finished(out, settings, {"figures": str(out)})
-    return figures, False
+    settings = splice_settings(Path(sae_dir), text, tokens, hook)
+    return stage.json_result(Path(out), settings, lambda: splice_eval(
+        SAE.load(sae_dir), model(), text, tokens=tokens, hook=hook, progress=progress).as_dict())
