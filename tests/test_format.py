@@ -49,7 +49,8 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_same_settings_and_seed_train_the_same_weights_as_format_1(arch, x, tmp_path, one_thread):
-    cfg = TrainConfig(**MANIFEST["runs"][arch])  # the flat 0.4 settings are still accepted
+    # the flat 0.4 settings are still accepted; saelab 0.4 trained every architecture with Adam
+    cfg = TrainConfig(**MANIFEST["runs"][arch], optimizer="adam")
     assert cfg.architecture == arch
     Trainer(MatrixSource(x), cfg, tmp_path / arch).run()
     assert_same_weights(load_file(tmp_path / arch / "sae_weights.safetensors"),
@@ -80,7 +81,7 @@ def test_a_format_1_folder_loads_with_its_settings(arch, x):
 def test_a_format_1_checkpoint_resumes_to_the_same_end(arch, x, tmp_path, one_thread):
     out = tmp_path / arch
     shutil.copytree(V1 / f"{arch}-partial", out)
-    cfg = TrainConfig(**MANIFEST["runs"][arch])
+    cfg = TrainConfig(**MANIFEST["runs"][arch], optimizer="adam")
     t = Trainer(MatrixSource(x), cfg, out)
     assert not t.begin() and t.step == 6
     t._release_memory()
@@ -92,9 +93,18 @@ def test_a_format_1_checkpoint_resumes_to_the_same_end(arch, x, tmp_path, one_th
 def test_a_format_1_checkpoint_with_other_settings_is_refused(x, tmp_path):
     out = tmp_path / "topk"
     shutil.copytree(V1 / "topk-partial", out)
-    cfg = TrainConfig(**{**MANIFEST["runs"]["topk"], "k": 5})
+    cfg = TrainConfig(**{**MANIFEST["runs"]["topk"], "k": 5}, optimizer="adam")
     with pytest.raises(Exception, match=r"sae\.k \(4 -> 5\)"):
         Trainer(MatrixSource(x), cfg, out).begin()
+
+
+def test_a_format_1_topk_checkpoint_resumed_at_the_new_default_optimizer_is_refused_naming_it(x, tmp_path):
+    """saelab 0.5 trained TopK with Adam; resuming its checkpoint under today's default (signum)
+    would mix two optimisers' states: refused, with the flag that resumes it."""
+    out = tmp_path / "topk"
+    shutil.copytree(V1 / "topk-partial", out)
+    with pytest.raises(Exception, match=r"optimizer \('adam' -> 'signum'\).*--optimizer adam"):
+        Trainer(MatrixSource(x), TrainConfig(**MANIFEST["runs"]["topk"]), out).begin()
 
 
 def test_migrating_a_flat_config_drops_other_architectures_settings():

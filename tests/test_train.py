@@ -80,7 +80,7 @@ def test_bfloat16_matmuls_keep_float32_weights_and_quality(superposed, arch, ext
     within 0.01 FVU and MMCS of the all-float32 run on the same data."""
     data, x, x_eval = superposed
     common = dict(architecture=arch, n_latents=256, tokens=150_000, batch_size=256, lr=3e-3,
-                  progress=False, checkpoint_every_steps=0, **extra)
+                  optimizer="adam", progress=False, checkpoint_every_steps=0, **extra)
     ref = train_sae(x, **common)
     t = Trainer(MatrixSource(x), TrainConfig(matmul_dtype="bfloat16", **common))
     mixed = t.run()
@@ -242,12 +242,15 @@ def test_sigkilled_run_resumes_to_identical_weights(toy, tmp_path) -> None:
     assert steps[-1] == 2343
 
 
-def test_resume_in_process_matches_uninterrupted(toy, tmp_path) -> None:
-    """A run stopped mid-way (here: by an exception) and resumed ends where a whole run does."""
+@pytest.mark.parametrize("optimizer", ["adam", "signum"])
+def test_resume_in_process_matches_uninterrupted(toy, tmp_path, optimizer) -> None:
+    """A run stopped mid-way (here: by an exception) and resumed ends where a whole run does,
+    with each optimiser (its state, and for signum the average, in the checkpoint), through
+    resampling, which makes the optimiser forget the restarted latents."""
     _, x, _ = toy
     cfg = TrainConfig(architecture="relu", n_latents=64, tokens=40_000, batch_size=256,
                       checkpoint_every_steps=20, resample_every_steps=40, dead_after_tokens=5_000,
-                      progress=False, seed=3, device="cpu")
+                      optimizer=optimizer, progress=False, seed=3, device="cpu")
     whole = Trainer(MatrixSource(x), cfg, tmp_path / "a").run()
 
     class Stop(Exception):
@@ -264,11 +267,12 @@ def test_resume_in_process_matches_uninterrupted(toy, tmp_path) -> None:
         Trainer(Flaky(x), cfg, tmp_path / "b").run()
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 80
-    # Adam steps the encoder as contiguous latent rows; the checkpoint keeps its moments in
-    # W_enc's own [d_in, n] layout.
+    # The optimiser steps the encoder as contiguous latent rows; the checkpoint keeps its state
+    # (Adam's moments, signum's z) in W_enc's own [d_in, n] layout.
     names = list(ck["model"])
     for i, st in ck["optimizer"]["state"].items():
-        assert st["exp_avg"].shape == ck["model"][names[i]].shape, names[i]
+        held = [v for v in st.values() if v.dim()]
+        assert held and all(v.shape == ck["model"][names[i]].shape for v in held), names[i]
     resumed = Trainer(Flaky(x), cfg, tmp_path / "b").run()
     for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-6, rtol=0), name

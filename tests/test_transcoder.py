@@ -85,7 +85,7 @@ def test_trained_transcoder_reconstructs_the_target_and_the_skip_helps(pairs) ->
     fvu = {}
     for skip in (False, True):
         sae = train_sae(PairedSource(MatrixSource(x), MatrixSource(y)), architecture="transcoder", skip=skip,
-                        n_latents=96, k=3, tokens=200_000, batch_size=512, lr=3e-3, progress=False)
+                        n_latents=96, k=3, tokens=200_000, batch_size=512, progress=False)
         m = evaluate_reconstruction(sae, PairedSource(MatrixSource(hx), MatrixSource(hy)).rows(5000))
         fvu[skip] = m.fvu  # on raw (unscaled) rows: the input and target scales were folded in
         assert m.l0 <= 3

@@ -48,6 +48,10 @@ class ArchConfig(Config):
         """Norm of the initial decoder rows (and encoder columns)."""
         return 1.0
 
+    def default_optimizer(self) -> str:
+        """The optimiser a run uses unless its config names one (see TrainConfig.optimizer)."""
+        return "adam"
+
     def check(self, d_in: int, n_latents: int) -> None:
         """Raise ValueError if these settings cannot make an SAE of this size."""
 

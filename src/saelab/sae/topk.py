@@ -21,6 +21,9 @@ class TopKConfig(KSparseConfig):
 
     architecture: Literal["topk"] = "topk"
 
+    def default_optimizer(self) -> str:
+        return "signum"  # benchmarks/peers/time_to_quality.md
+
 
 def aux_k_loss(x: Tensor, recon: Tensor, aux_recon: Tensor) -> Tensor:
     """‖e − ê‖² where e = x − x̂ (no gradient) and ê is decoded from the dead latents."""

@@ -35,6 +35,9 @@ class TranscoderConfig(KSparseConfig):
     skip: bool = Field(default=False,
                        description="Add a linear skip connection x W_skip (a skip-transcoder).")
 
+    def default_optimizer(self) -> str:
+        return "signum"  # benchmarks/peers/time_to_quality.md
+
 
 class TranscoderSAE(TopKSAE):
     architecture = "transcoder"

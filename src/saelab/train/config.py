@@ -12,6 +12,7 @@ from saelab.errors import SaelabError
 from saelab.sae import ArchConfig, SAEConfig
 from saelab.sae.arch import arch_config, fold_shorthand
 from saelab.sae.topk import TopKConfig
+from saelab.train.optim import OptimizerName
 
 
 class TrainConfig(Config):
@@ -37,14 +38,24 @@ class TrainConfig(Config):
         default=2_000_000, gt=0, description="Training budget in rows (passes over the data as needed)."
     )
     batch_size: int = Field(default=4096, gt=0, description="Rows per optimiser step.")
+    optimizer: OptimizerName | None = Field(
+        default=None,
+        description="'signum': sign descent under schedule-free averaging (sparsify's default; the "
+        "saved SAE is the average of the iterates, no LR schedule needed); 'adam': Adam with "
+        "linear warm-up and decay (the TopK paper's). Default: the architecture's "
+        "(signum for topk and the transcoders, adam for the others).",
+    )
     lr: float | None = Field(
-        default=None, gt=0, description="Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14)."
+        default=None, gt=0, description="Learning rate; default adam 2e-4 / sqrt(n_latents / 2^14), "
+        "signum 2.5e-3 / sqrt(n_latents / 2^14)."
     )
     lr_warmup_steps: int | None = Field(
-        default=None, ge=0, description="Linear LR warm-up steps; default min(1000, 5% of steps)."
+        default=None, ge=0, description="Linear LR warm-up steps; default adam min(1000, 5% of "
+        "steps), signum 0."
     )
-    lr_decay_fraction: float = Field(
-        default=0.2, ge=0, le=1, description="LR decays linearly to 0 over this last fraction."
+    lr_decay_fraction: float | None = Field(
+        default=None, ge=0, le=1, description="LR decays linearly to 0 over this last fraction of the "
+        "steps; default adam 0.2, signum 0 (its average needs no decay)."
     )
     normalize_inputs: bool = Field(
         default=True, description="Scale inputs so E||x||^2 = d_in (folded back on save)."
@@ -55,12 +66,14 @@ class TrainConfig(Config):
     seed: int = Field(default=0, description="Random seed (init, data order, resampling).")
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     dtype: DType = Field(default="float32", description="Parameter dtype.")
-    matmul_dtype: Literal["bfloat16", "float16"] | None = Field(
-        default=None,
+    matmul_dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
+        default="auto",
         description="Mixed precision: run the dense matmuls (the encoder's, most of the cost) in "
-        "this dtype under torch.autocast, keeping parameters, Adam state, the loss and the sparse "
-        "TopK backward in `dtype`. bfloat16 runs the encoder about 2-3x faster on CPUs with "
-        "AVX512-BF16/AMX and on recent GPUs. Default: everything in `dtype`.",
+        "this dtype under torch.autocast, keeping parameters, optimiser state, the loss and the "
+        "sparse TopK backward in `dtype`. 'auto' times one bfloat16 and one float32 matmul of the "
+        "run's shape at the start and takes bfloat16 only where it is faster (CPUs with "
+        "AVX512-BF16/AMX, recent GPUs; not an AVX2-only CPU, where it is about 9x slower); "
+        "'float32' (or unset) keeps everything in `dtype`.",
     )
     checkpoint_every_steps: int = Field(
         default=200, ge=0, description="Write a resumable checkpoint every N steps (0: never)."
@@ -121,9 +134,13 @@ class TrainConfig(Config):
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
 
+    def resolved_optimizer(self) -> str:
+        return self.optimizer or self.sae.default_optimizer()
+
     @model_validator(mode="after")
     def _check_matmul_dtype(self) -> TrainConfig:
-        if self.matmul_dtype is not None and self.dtype != "float32" and self.matmul_dtype != self.dtype:
+        if self.matmul_dtype not in (None, "auto", "float32") and self.dtype != "float32" \
+                and self.matmul_dtype != self.dtype:
             raise ValueError(f"matmul_dtype {self.matmul_dtype} mixes with float32 parameters, not "
                              f"dtype {self.dtype}; use dtype float32, or leave matmul_dtype unset")
         return self

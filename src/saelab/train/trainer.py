@@ -17,7 +17,6 @@ the checkpoint and ends with the same weights as a run that never stopped.
 from __future__ import annotations
 
 import json
-import math
 import time
 import weakref
 from pathlib import Path
@@ -32,13 +31,13 @@ from tqdm.auto import tqdm
 from saelab import stage
 from saelab.activations.source import ActivationSource, open_source
 from saelab.config import FORMAT_VERSION, build, validation_message
-from saelab.device import resolve_device
+from saelab.device import pick_matmul_dtype, resolve_device
 from saelab.errors import InputError, TrainingDiverged
 from saelab.io import atomic_torch_save, atomic_write_text
 from saelab.parallel import SINGLE, Communicator
 from saelab.sae.base import CFG_FILENAME, SAE, WEIGHTS_FILENAME, TrainContext, create, fvu
 from saelab.sae.config import migrate_sae_v1, migrate_train_v1
-from saelab.train import memory
+from saelab.train import memory, optim
 from saelab.train.config import TrainConfig
 from saelab.train.init import geometric_median, input_scale
 
@@ -49,23 +48,20 @@ MEDIAN_SAMPLE_ROWS = 8192
 RESAMPLE_SAMPLE_ROWS = 16384
 # Settings that may change between a run and its resumption without changing the result.
 # (The names recorded in cfg.json are among them: they describe the data, they do not change it.)
-RESUMABLE_CHANGES = {"device", "progress", "checkpoint_every_steps", "log_every_steps",
+# (matmul_dtype, like device, is how the arithmetic runs: a resumed run keeps the dtype its
+# checkpoint records.)
+RESUMABLE_CHANGES = {"device", "matmul_dtype", "progress", "checkpoint_every_steps", "log_every_steps",
                      "model_name", "hook_name", "hook_name_out", "allow_incomplete"}
 
 
-def adam(params: Any, lr: float) -> torch.optim.Adam:
-    """Adam, fused into one kernel per parameter (about 18x faster than the per-op loop on a
-    CPU at 2 x 18.9M parameters) wherever this torch has a fused kernel for the device."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except RuntimeError:  # a device or dtype without a fused kernel
-        return torch.optim.Adam(params, lr=lr)
-
-
-def default_lr(n_latents: int) -> float:
-    """2e-4 / sqrt(n_latents / 2^14), the TopK paper's rule."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the defaults that depend on the architecture written out (the optimiser and
+    its LR decay), so a checkpoint and cfg.json say what ran."""
+    name = cfg.resolved_optimizer()
+    decay = cfg.lr_decay_fraction
+    if decay is None:
+        decay = 0.0 if name == "signum" else 0.2
+    return cfg.model_copy(update={"optimizer": name, "lr_decay_fraction": decay})
 
 
 class Trainer:
@@ -86,6 +82,7 @@ class Trainer:
             cfg = cfg.model_copy(update=unset)
         if not comm.is_main and cfg.progress:
             cfg = cfg.model_copy(update={"progress": False})
+        cfg = resolve_defaults(cfg)
         self.cfg = cfg
         if cfg.batch_size % comm.dp:
             raise InputError(f"--batch-size {cfg.batch_size} must divide evenly over {comm.dp} "
@@ -96,12 +93,13 @@ class Trainer:
         d_out = getattr(source, "d_out", None)  # a PairedSource: a transcoder's (input, target)
         self.sae_cfg = cfg.sae_config(source.d_in, d_out)
         self.n = self.sae_cfg.n_latents
-        self.lr = cfg.lr if cfg.lr is not None else default_lr(self.n)
+        self.optimizer_name = str(cfg.optimizer)
+        self.lr = cfg.lr if cfg.lr is not None else optim.default_lr(self.optimizer_name, self.n)
         self.warmup = (
             cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None
-            else min(1000, self.steps // 20)
+            else 0 if self.optimizer_name == "signum" else min(1000, self.steps // 20)
         )
-        self.decay_steps = int(cfg.lr_decay_fraction * self.steps)
+        self.decay_steps = int(float(cfg.lr_decay_fraction or 0) * self.steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
         self._check_trainable(source)
@@ -126,6 +124,8 @@ class Trainer:
         self.elapsed = 0.0
         self.finished = False
         self.last_checkpoint_step: int | None = None
+        self.matmul_dtype: str | None = None  # what matmul_dtype runs as (None: dtype itself)
+        self.matmul_why = ""  # and why ('auto' is resolved by begin(), or a checkpoint says)
         self.settings = run_settings(cfg)
         self.reused: SAE | None = None  # the finished SAE found in out_dir, if begin() found one
         self._retaining: weakref.finalize | None = None  # releases this run's memory.retain()
@@ -191,18 +191,19 @@ class Trainer:
         return {"state": state, "param_groups": opt_state["param_groups"]}
 
     def _make_optimizer(self) -> None:
-        """Adam over the SAE's parameters, each as one contiguous tensor. The encoder is kept
-        as contiguous latent rows and seen as their transpose ``W_enc`` [d_in, n]; Adam gets
-        the rows instead (a leaf sharing their storage), which its fused kernel updates in
-        place, where on the transposed view it would copy all four tensors each step (about
-        10x slower). Checkpoints hold the state in the parameters' own layout."""
+        """The optimiser (``cfg.optimizer``) over the SAE's parameters, each as one contiguous
+        tensor. The encoder is kept as contiguous latent rows and seen as their transpose
+        ``W_enc`` [d_in, n]; the optimiser gets the rows instead (a leaf sharing their storage),
+        which it updates in place, where on the transposed view Adam's fused kernel would copy
+        all four tensors each step (about 10x slower). Checkpoints hold the state in the
+        parameters' own layout."""
         self._steps_as: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
         for p in self.sae.parameters():
             view = p
             if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous():
                 view = torch.nn.Parameter(p.detach().t())
             self._steps_as.append((p, view))
-        self.optimizer = adam([v for _, v in self._steps_as], self.lr)
+        self.optimizer = optim.make(self.optimizer_name, [v for _, v in self._steps_as], self.lr)
 
     def _optimizer_layout(self, opt_state: dict[str, Any], to_params: bool) -> dict[str, Any]:
         """The optimizer's state with each transposed parameter's moments transposed: to the
@@ -274,6 +275,7 @@ class Trainer:
             "optimizer": optimizer,
             "tokens_since_fired": self.comm.gather_latents(self.tokens_since_fired, 0).cpu(),
             "generator": self.generator.get_state(),
+            "matmul_dtype": self.matmul_dtype,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -290,6 +292,9 @@ class Trainer:
         self.elapsed = float(state["elapsed"])
         self.finished = bool(state["finished"])
         self.last_checkpoint_step = self.step
+        if "matmul_dtype" in state:  # what the run began with ('auto' resolved)
+            self.matmul_dtype = state["matmul_dtype"]
+            self.matmul_why = f"{self.matmul_dtype or self.cfg.dtype} matmuls, as the run began"
 
     def _checkpoint_path(self) -> Path | None:
         return self.out_dir / CHECKPOINT if self.out_dir is not None else None
@@ -325,13 +330,21 @@ class Trainer:
         if state["format_version"] < 2:
             state = {**state, "train_config": migrate_train_v1(state["train_config"]),
                      "sae_config": migrate_sae_v1(state["sae_config"])}
+        if "optimizer" not in state["train_config"]:  # saelab 0.5 and earlier: always Adam
+            state = {**state, "train_config": {**state["train_config"], "optimizer": "adam"}}
         # A setting added after the checkpoint was written counts as its default there.
         try:
             written = TrainConfig.model_validate(state["train_config"])
         except ValidationError as e:
             raise InputError(f"{path} holds settings this saelab cannot read ({validation_message(e)}); "
                              "delete it to start over") from None
-        self.settings.require_same(run_settings(written), self.out_dir)
+        self.settings.require_same(
+            run_settings(written), self.out_dir,
+            fix="give the settings it began with (a saelab 0.5 run: --optimizer adam), use another "
+                "--out, or delete that folder to start over")
+        if "matmul_dtype" not in state:  # saelab 0.5 ran matmul_dtype as it was set
+            state = {**state, "matmul_dtype": None if written.matmul_dtype in (None, "auto", "float32")
+                     else written.matmul_dtype}
         if state["sae_config"]["d_in"] != self.source.d_in:
             raise InputError(
                 f"{self.out_dir} was trained on width {state['sae_config']['d_in']}, "
@@ -377,15 +390,11 @@ class Trainer:
             float(self.sae.W_enc[:, alive].norm(dim=0).mean()) if bool(alive.any()) else 1.0
         )
         self.sae.reinit_latents(dead, dirs, 0.2 * enc_norm)
-        # Forget Adam's moments for the restarted latents: Adam sees every latent-indexed
-        # parameter with latents first (the encoder as its rows).
+        # The optimiser forgets the restarted latents: it sees every latent-indexed parameter
+        # with latents first (the encoder as its rows).
         for (name, _), (_, view) in zip(self.sae.named_parameters(), self._steps_as, strict=True):
-            if name == "b_dec":
-                continue
-            st = self.optimizer.state.get(view, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    st[key][dead] = 0
+            if name != "b_dec":
+                optim.forget_rows(self.optimizer, view, dead)
         self.tokens_since_fired[dead] = 0
         return int(dead.numel())
 
@@ -429,6 +438,11 @@ class Trainer:
             return True
         if self.out_dir is not None and self.out_dir.is_dir() and self.comm.is_main:
             stage.clear(self.out_dir)  # the folder is about to change: it is no finished run now
+        if not resumed:
+            self._resolve_matmul_dtype()
+        elif self.cfg.progress and self.comm.is_main:
+            tqdm.write(f"train: resuming at step {self.step}; {self.optimizer_name} at LR {self.lr:.2e}; "
+                       f"{self.matmul_why}")
         if not resumed:
             self._init_from_data()
             if self.out_dir is not None and self.comm.is_main:
@@ -502,10 +516,31 @@ class Trainer:
             self.save_checkpoint()
         return record
 
+    def _resolve_matmul_dtype(self) -> None:
+        """What ``matmul_dtype`` runs as: 'auto' times the run's matmul in bfloat16 and float32."""
+        asked = self.cfg.matmul_dtype
+        if asked == "auto" and self.cfg.dtype == "float32":
+            self.matmul_dtype, self.matmul_why = pick_matmul_dtype(
+                self.device, self.sae_cfg.d_in, self.sae.n_latents)
+            self.matmul_why = "matmul_dtype auto: " + self.matmul_why
+        else:
+            self.matmul_dtype = None if asked in (None, "auto", self.cfg.dtype) else asked
+            self.matmul_why = f"{self.matmul_dtype or self.cfg.dtype} matmuls"
+        if self.matmul_dtype == "float32":
+            self.matmul_dtype = None
+        if self.cfg.progress and self.comm.is_main:
+            tqdm.write(f"train: {self.optimizer_name} at LR {self.lr:.2e}; {self.matmul_why}")
+
+    def evaluating(self, on: bool) -> None:
+        """Put the weights an evaluation should see in the SAE (a schedule-free optimiser's
+        average; what Adam trains needs nothing), or the training weights back. The SAE that
+        ``end()`` saves is the former."""
+        optim.averaged(self.optimizer, on)
+
     def _autocast(self) -> Any:
         """Mixed precision (``matmul_dtype``): the dense matmuls run in that dtype; parameters,
-        Adam state, the loss and the sparse backward stay in ``dtype``."""
-        low = self.cfg.matmul_dtype
+        optimiser state, the loss and the sparse backward stay in ``dtype``."""
+        low = self.matmul_dtype
         enabled = low is not None and low != self.cfg.dtype
         return torch.autocast(self.device.type, dtype=getattr(torch, low or "bfloat16"),
                               enabled=enabled)
@@ -575,7 +610,9 @@ class Trainer:
         atomic_write_text(self.out_dir / METRICS, "".join(line + "\n" for line in keep))
 
     def _finish(self, already: bool = False) -> SAE:
-        """The SAE for raw inputs: a copy with the input scale folded in, saved to out_dir."""
+        """The SAE for raw inputs (a schedule-free optimiser's average): a copy with the input
+        scale folded in, saved to out_dir."""
+        self.evaluating(True)
         final = create(self.sae_cfg).to(self.device)
         final.load_state_dict(self._gather_state(self.sae.state_dict()))
         final.fold_input_scale(self.scale, self.target_scale)
@@ -588,7 +625,8 @@ class Trainer:
         if self.out_dir is not None and self.comm.is_main:
             stage.mark_finished(self.out_dir, self.settings, {
                 "architecture": self.sae_cfg.architecture, "n_latents": self.n, "d_in": self.sae_cfg.d_in,
-                "steps": self.steps, "tokens": self.steps * self.cfg.batch_size},
+                "steps": self.steps, "tokens": self.steps * self.cfg.batch_size,
+                "optimizer": self.optimizer_name, "matmul_dtype": self.matmul_dtype or self.cfg.dtype},
                 seconds=self.elapsed)
         self.comm.barrier()
         final.eval()
@@ -598,7 +636,7 @@ class Trainer:
 def run_settings(cfg: TrainConfig) -> stage.Settings:
     """The settings that decide a training run's result (what its checkpoint and its
     completion marker record)."""
-    return stage.Settings.of("training run", cfg.model_dump(), free=RESUMABLE_CHANGES)
+    return stage.Settings.of("training run", resolve_defaults(cfg).model_dump(), free=RESUMABLE_CHANGES)
 
 
 def train_sae(
