@@ -44,12 +44,24 @@ NAMES = {
 }
 
 
+def feature_dirs(d: int, features: int, seed: int = 0) -> torch.Tensor:
+    """The true feature directions: ``features`` random unit vectors in R^d."""
+    dirs = torch.randn(features, d, generator=torch.Generator().manual_seed(seed))
+    return dirs / dirs.norm(dim=1, keepdim=True)
+
+
 def make_data(
-    path: Path, rows: int, d: int = 768, features: int = 16384, active: int = 16, seed: int = 0
+    path: Path, rows: int, d: int = 768, features: int = 16384, active: int = 16, seed: int = 0,
+    dirs_seed: int | None = None,
 ) -> None:
+    """``rows`` sparse non-negative combinations of the true directions plus noise. The rows
+    come from ``seed``; the directions from ``dirs_seed`` (default: ``seed``, as the figures in
+    results.md were made; the time-to-quality benchmark draws train and held-out rows over
+    the same directions)."""
+    dirs = feature_dirs(d, features, seed if dirs_seed is None else dirs_seed)
     g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(features, d, generator=g)
-    dirs /= dirs.norm(dim=1, keepdim=True)
+    if dirs_seed is None:  # the draw results.md was made with: the rows follow the directions
+        torch.randn(features, d, generator=g)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, d))
     for a in range(0, rows, 4096):
         b = min(rows, a + 4096)
