@@ -103,7 +103,11 @@ class DemoConfig(_Config):
     tokens: int = Field(default=800_000, gt=0, description="Activation rows to harvest and train on.")
     expansion_factor: float = Field(default=8.0, gt=0, description="Latents per input dimension.")
     k: int = Field(default=32, gt=0, description="Active latents per token (TopK).")
-    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate.")
+    optimizer: Literal["adam", "signum"] | None = Field(
+        default=None, description="The SAE's optimiser; default the architecture's (TopK: schedule-free "
+        "signum).")
+    lr: float | None = Field(default=None, gt=0, description="Learning rate; default the optimiser's rule "
+                             "in the dictionary size (see saelab train --help).")
     eval_tokens: int = Field(default=4096, ge=0, description="Held-out tokens for the splice evaluation.")
     atlas_tokens: int = Field(default=150_000, gt=0, description="Held-out tokens the atlas reads.")
     seed: int = Field(default=0, description="Training seed.")

@@ -147,7 +147,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log: Callable[[str], None] | None
 
     # 2. train
     tc = TrainConfig(architecture="topk", expansion_factor=cfg.expansion_factor, k=cfg.k,
-                     tokens=cfg.tokens, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
+                     tokens=cfg.tokens, optimizer=cfg.optimizer, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
                      progress=cfg.progress, checkpoint_every_steps=25,
                      model_name=cfg.model, hook_name=cfg.hook)
     trained = run_settings(tc)

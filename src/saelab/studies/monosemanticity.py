@@ -80,7 +80,8 @@ class MonosemanticityConfig(_Config):
     )
     k: int = Field(default=16, gt=0, description="Active latents per token (topk).")
     l1_coefficient: float = Field(default=5.0, ge=0, description="L1 coefficient (relu).")
-    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate (every dictionary).")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate (the study trains every "
+                      "dictionary with Adam, as the committed figures were made).")
     batch_size: int = Field(default=1024, gt=0, description="Rows per step.")
     dead_after_tokens: int = Field(
         default=250_000, gt=0, description="Rows without firing before AuxK treats a latent as dead (topk)."
@@ -268,6 +269,7 @@ def run_study(cfg: MonosemanticityConfig, out: str | Path) -> dict[str, Any]:
         architecture="relu",
         l1_coefficient=cfg.l1_coefficient,
         lr=cfg.lr,
+        optimizer="adam",
         batch_size=cfg.batch_size,
         tokens=cfg.tokens,
         dead_after_tokens=cfg.dead_after_tokens,

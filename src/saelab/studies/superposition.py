@@ -42,7 +42,8 @@ class ToySweepConfig(_Config):
     eval_rows: int = Field(default=20_000, gt=0, description="Held-out rows for FVU/L0.")
     tokens: int = Field(default=1_000_000, gt=0, description="Training budget per SAE (rows).")
     batch_size: int = Field(default=512, gt=0, description="Rows per step.")
-    lr: float = Field(default=3e-3, gt=0, description="Adam learning rate.")
+    lr: float = Field(default=3e-3, gt=0, description="Adam learning rate (the study trains every "
+                      "dictionary with Adam, as the committed figures were made).")
     seed: int = Field(default=0, description="Training seed.")
 
     @classmethod
@@ -86,7 +87,7 @@ def _run_cell(cfg: ToySweepConfig, data: ToyData, train: MatrixSource, held_out:
               arch: str, param: str, value: float, n_latents: int, ratio: float) -> dict[str, Any]:
     train_cfg = build(
         TrainConfig, architecture=arch, n_latents=n_latents, tokens=cfg.tokens,
-        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=False,
+        batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adam", seed=cfg.seed, progress=False,
         checkpoint_every_steps=0, device="cpu", dead_after_tokens=min(200_000, cfg.tokens // 4),
         **{param: int(value) if param == "k" else value},
     )
