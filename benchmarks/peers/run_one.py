@@ -77,12 +77,7 @@ def saelab_lib(d: int, n: int, k: int, steps: int, batch: int,
         z = t.sae.encode(x * t.scale)
         return t.sae.decode(z) / t.scale, z
 
-    def evaluating(on: bool) -> None:
-        evaluate = getattr(state["t"], "evaluating", None)
-        if evaluate is not None:
-            evaluate(on)
-
-    return Lib(step, recon, lambda: state["t"].sae.W_dec.detach(), evaluating)
+    return Lib(step, recon, lambda: state["t"].sae.W_dec.detach(), lambda on: state["t"].evaluating(on))
 
 
 def sparsify_lib(d: int, n: int, k: int, steps: int, batch: int, optimizer: str = "signum") -> Lib:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 OptimizerName = Literal["adam", "signum"]
-OPTIMIZERS: tuple[str, ...] = ("adam", "signum")
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 
 def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
@@ -117,11 +117,6 @@ def default_lr(name: str, n_latents: int) -> float:
     (benchmarks/peers/time_to_quality.md), where sparsify's rule stops improving after 0.7M."""
     base = 2e-4 if name == "adam" else 2.5e-3
     return base / math.sqrt(n_latents / 2**14)
-
-
-def schedule_free(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` averages its iterates itself (then the loop needs no LR decay)."""
-    return isinstance(optimizer, ScheduleFreeSignum)
 
 
 def averaged(optimizer: torch.optim.Optimizer, on: bool) -> None:
